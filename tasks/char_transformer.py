@@ -3,7 +3,11 @@
 The vocabulary is the sorted set of characters in the text; the first 90% is training data and the last 10%
 validation (the common split). All tokens live in one tensor on the device; a training sample is the window
 starting at a random offset (RandomSampler: seeded per step). Validation loss (nats per character) is averaged
-over a fixed set of windows, the same at every evaluation, so curves compare across runs.
+over a fixed set of windows, the same at every evaluation, so curves compare across runs. By default these tile
+the whole validation split (every character predicted once, its context as long as its place in the window, the
+same distribution of context lengths as random windows), so the figure has no window-sampling error: a fixed
+subset of 1,600 random windows read 1.883 where the whole split reads 1.893 for the same model.
+`eval_batches=N` evaluates N batches of random windows (fixed seed) instead, for speed on big texts.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class CharTransformer(Task):
 
     def __init__(self, text_path: str, block_size: int = 64, batch_size: int = 12, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, bias: bool = True, dropout: float = 0.0,
-                 norm: NormFactory | None = None, eval_batches: int = 50, eval_batch_size: int = 32,
+                 norm: NormFactory | None = None, eval_batches: int | None = None, eval_batch_size: int = 32,
                  sample_chars: int = 300, augment: Callable | None = None) -> None:
         self.text_path, self.block_size, self.batch_size = text_path, block_size, batch_size
         self.model_args = dict(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -56,10 +60,13 @@ class CharTransformer(Task):
             raise DataNotFoundError(f"{self.text_path} is too short for block_size={self.block_size}")
         self.window = torch.arange(self.block_size + 1, device=device)
         # Fixed validation windows: the same batches at every evaluation.
-        g = torch.Generator().manual_seed(1234)
-        starts = torch.randint(len(self.val_tokens) - self.block_size - 1,
-                               (self.eval_batches, self.eval_batch_size), generator=g)
-        self.val_starts = starts.to(device)
+        if self.eval_batches is None:  # tile the whole split
+            starts = torch.arange(0, len(self.val_tokens) - self.block_size, self.block_size)
+        else:
+            g = torch.Generator().manual_seed(1234)
+            starts = torch.randint(len(self.val_tokens) - self.block_size - 1,
+                                   (self.eval_batches * self.eval_batch_size,), generator=g)
+        self.val_starts = starts.to(device).split(self.eval_batch_size)
         if self.make_augment is not None:  # input-token corruption (regularize=augment_text)
             self.augment = self.make_augment(vocab_size=self.vocab_size)
         self.device = device
@@ -99,7 +106,7 @@ class CharTransformer(Task):
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for starts in self.val_starts:
             total += self.loss(model, self._windows(self.val_tokens, starts)).sum(dtype=torch.float64)
-        return {"val_loss": total.item() / self.val_starts.numel()}
+        return {"val_loss": total.item() / sum(len(s) for s in self.val_starts)}
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)

@@ -133,6 +133,15 @@ def duration(positive: bool = False, nullable: bool = False) -> Spec:
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 device_spec = Spec(lambda v: isinstance(v, str) and bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")
 
+def _short_ok(v: Any) -> bool:
+    """expect.short: the quick version of a recipe (overrides) and what it must reach."""
+    return (isinstance(v, dict) and set(v) <= {"overrides", "target", "tolerance", "measured"}
+            and {"overrides", "target"} <= set(v)
+            and isinstance(v["overrides"], list) and all(isinstance(o, str) and "=" in o for o in v["overrides"])
+            and is_number(v["target"]) and (is_number(v.get("tolerance", 0)) and v.get("tolerance", 0) >= 0)
+            and (v.get("measured") is None or is_number(v["measured"])))
+
+
 # --- the table -------------------------------------------------------------------------------------------
 
 UNIT = num(0, 1, hi_open=True)  # [0, 1): betas, momentum, dropout, label smoothing
@@ -185,6 +194,15 @@ RULES: list[tuple[str, Spec]] = [
     ("data.download", Spec(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")),
     ("monitor.metric", text()),
     ("monitor.mode", one_of("min", "max")),
+    # expect (closed): a recipe's declared result, checked by `python -m trainer.check_recipes`
+    ("expect.metric", text()),
+    ("expect.mode", one_of("min", "max")),
+    ("expect.target", num()),
+    ("expect.tolerance", num(0)),
+    ("expect.device", one_of("cpu", "cuda", "any")),
+    ("expect.measured", num(nullable=True)),
+    ("expect.short", Spec(lambda v: _short_ok(v), "a mapping {overrides: [key=value, ...], target: number, "
+                                                   "tolerance: number >= 0, measured: number or null}")),
     # optimizer (and nested ones: optimizer.inner for lookahead)
     ("optimizer*.lr", POS),
     ("optimizer*.betas", pair(UNIT)),
@@ -268,7 +286,7 @@ RULES: list[tuple[str, Spec]] = [
     ("task.n_layer", POS_INT),
     ("task.n_head", POS_INT),
     ("task.n_embd", POS_INT),
-    ("task.eval_batches", POS_INT),
+    ("task.eval_batches", num(1, integer=True, nullable=True)),
     ("task.sample_chars", NONNEG_INT),
     ("task.num_pictures", NONNEG_INT),
     ("task.bias", boolean()),
@@ -278,9 +296,9 @@ RULES: list[tuple[str, Spec]] = [
 ]
 
 # Groups with no `_target_`: every key must be one of these (from RULES).
-CLOSED_GROUPS = ("trainer", "regularize", "data", "monitor")
+CLOSED_GROUPS = ("trainer", "regularize", "data", "monitor", "expect")
 TOP_LEVEL = ("task", "optimizer", "schedule", "norm", "regularize", "clip", "amp", "early_stop", "trainer", "data",
-             "monitor")
+             "monitor", "expect")
 # Known training-set sizes, so total steps (and so "warmup longer than the run") can be checked without data.
 MNIST_TRAIN = 60000
 
