@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KILN_DATA_ROOT ?= data
 export KILN_DATA_ROOT
 
-.PHONY: install train test lint bench lock clean
+.PHONY: install train test lint bench check-recipes lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: install            ## figures, not tests: trainer overhead, optimizer ste
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/optimizers.py --threads 1
 	$(BIN)/python bench/char_transformer.py
+
+check-recipes: install   ## every recipe's short version against its declared result (ARGS=--full: the real runs)
+	$(BIN)/python -m trainer.check_recipes $(ARGS)
 
 lock: install             ## rewrite constraints.txt from the current venv
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^kiln'; } > constraints.tmp && mv constraints.tmp constraints.txt

@@ -1,0 +1,110 @@
+"""`python -m trainer.check_recipes`: every recipe declares its result, and the checker holds runs to it.
+
+The slow test runs every recipe's short version on this machine, the GPU transformer's 50-step smoke version
+included (batch 4, fp32, no compile, on the CPU when there is no GPU), and asserts each reaches its declared target.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, compose_cfg
+from trainer.check_recipes import Expectation, expectation, recipe_names
+from trainer.validate import validate
+
+RECIPES = recipe_names()
+
+
+def check(*args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run the checker as a user would; returns the process and check.json (None if it was not written)."""
+    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--out=")))  # the tests give absolute paths
+    proc = subprocess.run([sys.executable, "-m", "trainer.check_recipes", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    path = out / "check.json"
+    return proc, json.loads(path.read_text()) if path.is_file() else None
+
+
+def test_pass_rule_at_the_bounds():
+    low = Expectation(metric="val_loss", mode="min", target=1.88, tolerance=0.02, device="cpu")
+    assert low.bound == pytest.approx(1.90)
+    assert low.passes(1.90) and low.passes(1.0) and not low.passes(1.9001)
+    high = Expectation(metric="test_acc", mode="max", target=0.993, tolerance=0.0, device="any")
+    assert high.passes(0.993) and high.passes(1.0) and not high.passes(0.9929)
+    assert high.rule == "test_acc >= 0.993" and low.rule == "val_loss <= 1.9 (target 1.88 + 0.02)"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_declares_a_valid_result(name):
+    cfg = compose_cfg(f"recipe={name}")
+    validate(cfg)  # the schema checks the expect block too
+    assert "expect" in cfg, f"recipes/{name}.yaml declares no expect block"
+    full, short = expectation(cfg.expect, "full"), expectation(cfg.expect, "short")
+    assert full.device in ("cpu", "cuda", "any") and full.metric == short.metric
+    assert short.overrides, "a short version must shorten the run"
+    # The short version's bound is looser than the full one's: less training reaches less.
+    assert (short.bound >= full.bound) if full.mode == "min" else (short.bound <= full.bound)
+    assert cfg.monitor.metric == full.metric or full.metric.startswith("test_"), (cfg.monitor.metric, full.metric)
+
+
+def test_invalid_expect_block_is_a_config_error():
+    cfg = compose_cfg("recipe=mnist_vae", "expect.mode=lowest", "expect.short.overrides=3")
+    from trainer.validate import problems
+
+    lines = problems(cfg)
+    assert any(line.startswith("expect.mode='lowest': must be one of min, max") for line in lines), lines
+    assert any(line.startswith("expect.short=") for line in lines), lines
+
+
+def test_unknown_recipe_exits_2_with_a_suggestion(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer.check_recipes", "mnist_vea", f"--out={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown recipe 'mnist_vea'" in proc.stderr and "mnist_vae" in proc.stderr
+
+
+def test_full_gpu_recipe_is_skipped_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full recipe would run")
+    proc, report = check("char_transformer_gpu", "--full", f"--out={tmp_path}", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = report["results"]
+    assert row["status"] == "skipped" and "CUDA" in row["reason"] and row["command"] == ""
+    assert not (tmp_path / "char_transformer_gpu-full").exists()  # nothing was run
+
+
+@pytest.mark.slow
+def test_missed_target_and_crash_are_reported(mnist_root, tmp_path):
+    # A target the short run cannot reach: FAILED, with the value and the rule.
+    proc, report = check("mnist_vae_baseline", f"data.root={mnist_root}", "trainer.max_steps=20",
+                         "expect.short.target=50", f"--out={tmp_path / 'a'}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (row,) = report["results"]
+    assert row["status"] == "FAILED" and row["value"] > 150 and row["rule"] == "test_loss <= 51 (target 50 + 1)"
+    assert row["extra"]["step"] == 20
+    assert "python train.py recipe=mnist_vae_baseline trainer.max_epochs=1" in row["command"]
+    # A run that cannot start: error with the reason from its log; the next recipe still runs.
+    proc, report = check("mnist_vae_baseline", "mnist_vae", "data.root=/nonexistent/data", "trainer.max_steps=2",
+                         f"--out={tmp_path / 'b'}")
+    assert proc.returncode == 1
+    assert [r["status"] for r in report["results"]] == ["error", "error"]
+    assert all("/nonexistent/data" in r["reason"] for r in report["results"]), report
+
+
+@pytest.mark.slow
+def test_every_short_version_reaches_its_target(mnist_root, tmp_path):
+    proc, report = check(f"data.root={mnist_root}", f"--out={tmp_path}")
+    assert report is not None, proc.stdout + proc.stderr
+    rows = {r["recipe"]: r for r in report["results"]}
+    assert sorted(rows) == RECIPES
+    for name, row in rows.items():
+        assert row["status"] == "passed", f"{name}: {row['reason']}\n{proc.stdout[-3000:]}"
+        assert row["value"] is not None and (tmp_path / f"{name}-short" / "config.yaml").is_file()
+    assert rows["char_transformer_gpu"]["extra"]["step"] == 50  # the GPU recipe's 50-step smoke version
+    assert proc.returncode == 0

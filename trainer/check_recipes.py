@@ -1,0 +1,236 @@
+"""Run the recipes and hold each to the result it declares.
+
+    python -m trainer.check_recipes                  # every recipe's short version (minutes on a CPU)
+    python -m trainer.check_recipes --full           # the full recipes, as published (hours on a CPU)
+    python -m trainer.check_recipes mnist_vae char_transformer_cpu [--full] [--out DIR] [key=value ...]
+
+Every recipes/<name>.yaml declares its result in an `expect` block:
+
+    expect:
+      metric: val_loss        # a key of the run's final_metrics.json
+      mode: min               # min: pass when value <= target + tolerance; max: value >= target - tolerance
+      target: 1.88
+      tolerance: 0.015        # the noise the claim allows (seeds, machines, kernels)
+      device: cpu             # where the figure holds: cpu, cuda or any (full version on another device: skipped)
+      measured: 1.883         # our own run of the full recipe, for reference
+      short:                  # the quick version: the same recipe with these overrides, and its own target
+        overrides: [trainer.max_steps=300]
+        target: 2.40
+        tolerance: 0.05
+        measured: 2.36
+
+Each run is `python train.py recipe=<name> <short overrides> <your key=value> hydra.run.dir=<out>/<name>-<version>`
+in a subprocess, exactly what a user would type (the command is printed with the result), so one recipe that
+crashes is reported and the others still run. The verdicts go to a table and to `<out>/check.json`.
+Exit status: 0 when nothing failed (skipped is not failed), 1 when a recipe missed its target, did not finish or
+declares no valid `expect` block, 2 for an unknown recipe name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What one version (short or full) of a recipe must reach."""
+
+    metric: str
+    mode: str
+    target: float
+    tolerance: float
+    device: str
+    overrides: tuple[str, ...] = ()
+    measured: float | None = None
+
+    @property
+    def bound(self) -> float:
+        return self.target + self.tolerance if self.mode == "min" else self.target - self.tolerance
+
+    def passes(self, value: float) -> bool:
+        return value <= self.bound if self.mode == "min" else value >= self.bound
+
+    @property
+    def rule(self) -> str:
+        sign = "<=" if self.mode == "min" else ">="
+        slack = "+" if self.mode == "min" else "-"
+        pm = f" (target {self.target:g} {slack} {self.tolerance:g})" if self.tolerance else ""
+        return f"{self.metric} {sign} {self.bound:g}{pm}"
+
+
+@dataclass
+class Result:
+    recipe: str
+    version: str
+    status: str  # passed | FAILED | error | skipped
+    rule: str = ""
+    value: float | None = None
+    measured: float | None = None
+    device: str = ""
+    wall_s: float = 0.0
+    command: str = ""
+    run_dir: str = ""
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def declared(name: str, overrides: list[str]) -> dict[str, Any] | None:
+    """The recipe's `expect` block, as `python train.py recipe=<name> <overrides>` composes it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"recipe={name}", *overrides])
+    expect = cfg.get("expect")
+    return OmegaConf.to_container(expect, resolve=True) if expect is not None else None
+
+
+def expectation(expect: dict[str, Any], version: str) -> Expectation:
+    """The full version's or the short version's expectation from an `expect` block (validated by the schema)."""
+    base = dict(metric=expect["metric"], mode=expect.get("mode", "min"), device=expect.get("device", "any"))
+    if version == "full":
+        return Expectation(**base, target=expect["target"], tolerance=expect.get("tolerance", 0.0),
+                           measured=expect.get("measured"))
+    short = expect["short"]
+    # The short version runs wherever the checker runs: it is a quick proof that the recipe still learns.
+    return Expectation(**{**base, "device": "any"}, target=short["target"], tolerance=short.get("tolerance", 0.0),
+                       overrides=tuple(short.get("overrides", ())), measured=short.get("measured"))
+
+
+def check_one(name: str, version: str, out: Path, extra: list[str], timeout: float | None,
+              has_cuda: bool) -> Result:
+    from trainer.schema import matching_rule
+
+    try:
+        expect = declared(name, extra)
+    except Exception as e:  # a composition error: the recipe itself is broken
+        return Result(name, version, "error", reason=f"does not compose: {type(e).__name__}: {e}")
+    if expect is None:
+        return Result(name, version, "error", reason="declares no `expect` block (see trainer/check_recipes.py)")
+    bad = [f"expect.{k}" for k, v in expect.items() if (spec := matching_rule(f"expect.{k}")) and not spec(v)]
+    missing = [f"expect.{k}" for k in ("metric", "target", "short") if k not in expect]
+    if bad or missing:
+        return Result(name, version, "error", reason=f"invalid expect block: {', '.join(bad + missing)}")
+    exp = expectation(expect, version)
+    result = Result(name, version, "skipped", rule=exp.rule, measured=exp.measured)
+    if exp.device == "cuda" and not has_cuda:
+        result.reason = "needs a CUDA GPU (the figure was measured on one); none here"
+        return result
+
+    run_dir = out / f"{name}-{version}"
+    args = [f"recipe={name}", *exp.overrides, *extra]
+    result.command = shlex.join(["python", "train.py", *args])
+    result.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        with open(run_dir / "check.log", "w") as log:
+            proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        result.wall_s = time.perf_counter() - start
+        result.status, result.reason = "error", f"did not finish within {timeout:g} s"
+        return result
+    result.wall_s = time.perf_counter() - start
+    metrics_file = run_dir / "final_metrics.json"
+    if proc.returncode != 0 or not metrics_file.is_file():
+        tail = (run_dir / "check.log").read_text(errors="replace").strip().splitlines()[-3:]
+        result.status = "error"
+        result.reason = f"train.py exited with {proc.returncode}: " + " | ".join(tail)
+        return result
+    metrics = json.loads(metrics_file.read_text())
+    manifest_file = run_dir / "manifest.json"
+    result.device = json.loads(manifest_file.read_text()).get("device", "") if manifest_file.is_file() else ""
+    value = metrics.get(exp.metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        result.status = "error"
+        result.reason = f"final_metrics.json has no number {exp.metric!r} (it has {', '.join(metrics)})"
+        return result
+    result.value = float(value)
+    result.extra = {k: v for k, v in metrics.items() if k in ("step", "wall_time_s", "stop_reason")}
+    result.status = "passed" if exp.passes(result.value) else "FAILED"
+    if result.status == "FAILED":
+        result.reason = f"{exp.metric} = {result.value:.6g}, the recipe declares {exp.rule}"
+    return result
+
+
+def report(results: list[Result], console: Console) -> None:
+    table = Table(title="recipes against their declared results")
+    for col in ("recipe", "version", "rule", "value", "measured", "device", "time", "status"):
+        table.add_column(col, justify="right" if col in ("value", "measured", "time") else "left")
+    colour = {"passed": "green", "FAILED": "red", "error": "red", "skipped": "yellow"}
+    for r in results:
+        table.add_row(r.recipe, r.version, r.rule, "" if r.value is None else f"{r.value:.4g}",
+                      "" if r.measured is None else f"{r.measured:.4g}", r.device,
+                      f"{r.wall_s:.0f} s" if r.wall_s else "", f"[{colour[r.status]}]{r.status}[/]")
+    console.print(table)
+    for r in results:
+        if r.reason:
+            console.print(f"  {r.recipe} ({r.version}, {r.status}): {r.reason}", highlight=False)
+        if r.status in ("FAILED", "error") and r.command:
+            console.print(f"    reproduce: {r.command}   (log: {r.run_dir}/check.log)", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.check_recipes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("items", nargs="*", metavar="recipe|key=value",
+                        help="recipes to check (default: all in recipes/) and config overrides for every run")
+    parser.add_argument("--full", action="store_true", help="run the full recipes instead of the short versions")
+    parser.add_argument("--out", type=Path, help="where the runs go (default: runs/check_recipes/<time>)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default: none)")
+    args = parser.parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 140))
+
+    extra = [i for i in args.items if "=" in i]
+    names = [i for i in args.items if "=" not in i] or recipe_names()
+    unknown = [n for n in names if not (RECIPES / f"{n}.yaml").is_file()]
+    if unknown:
+        from trainer.log import print_error
+        from trainer.validate import did_you_mean
+
+        print_error("; ".join(f"unknown recipe {n!r}: {did_you_mean(n, recipe_names())}" for n in unknown))
+        return 2
+    version = "full" if args.full else "short"
+    out = args.out or ROOT / "runs" / "check_recipes" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    results = []
+    for name in names:
+        console.print(f"[bold]{name}[/] ({version}) ...", highlight=False)
+        results.append(check_one(name, version, out, extra, args.timeout, has_cuda))
+        r = results[-1]
+        console.print(f"  {r.status}" + (f": {r.value:.6g} ({r.rule})" if r.value is not None else
+                                         f": {r.reason}" if r.reason else ""), highlight=False)
+    report(results, console)
+    (out / "check.json").write_text(json.dumps({"version": version, "overrides": extra,
+                                                "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    console.print(f"results: {out / 'check.json'}", highlight=False)
+    return 1 if any(r.status in ("FAILED", "error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
