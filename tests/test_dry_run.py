@@ -24,6 +24,10 @@ def test_optimizer_state_size_leaves_the_model_alone():
     assert optimizer_state_bytes(adam, model) == 2 * n_bytes + 4 * n_tensors
     assert optimizer_state_bytes(compose_cfg("optimizer=sgd"), model) == 0  # no momentum: no state
     assert optimizer_state_bytes(compose_cfg("optimizer=momentum"), model) == n_bytes
+    # Muon keeps its state in two inner optimizers: a momentum buffer for the hidden 3x4 weight, AdamW's two
+    # moments and step for the other five tensors (the last Linear is the output head).
+    hidden = 3 * 4 * 4
+    assert optimizer_state_bytes(compose_cfg("optimizer=muon"), model) == hidden + 2 * (n_bytes - hidden) + 4 * 5
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

@@ -26,15 +26,16 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
             return 0
         seen.add(id(obj))
         return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, dict):  # hyperparameters are not state (a wrapper nests whole state_dicts, e.g. Muon's halves)
+        return sum(_tensor_bytes(v, seen) for k, v in obj.items() if k != "param_groups")
     if isinstance(obj, list | tuple):
         return sum(_tensor_bytes(v, seen) for v in obj)
     return 0
 
 
 def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
-    """Bytes of tensors in the optimizer's state_dict after one step on zero gradients, for a copy of `model`."""
+    """Bytes of tensors in the optimizer's state_dict (all but its param_groups) after one step on zero gradients,
+    for a copy of `model`."""
     twin = copy.deepcopy(model)
     groups = config_param_groups(twin, cfg.regularize)
     opt = instantiate(cfg.optimizer)(groups)
@@ -44,7 +45,7 @@ def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
     kwargs = {"loss": torch.zeros((), device=next(twin.parameters()).device)} \
         if getattr(opt, "requires_loss", False) else {}
     opt.step(**kwargs)
-    return _tensor_bytes(opt.state_dict()["state"], set())
+    return _tensor_bytes(opt.state_dict(), set())
 
 
 def _warmup_steps(cfg: DictConfig, horizon: Any) -> int | None:
