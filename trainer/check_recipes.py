@@ -179,8 +179,8 @@ def report(results: list[Result], console: Console) -> None:
         table.add_column(col, justify="right" if col in ("value", "measured", "time") else "left")
     colour = {"passed": "green", "FAILED": "red", "error": "red", "skipped": "yellow"}
     for r in results:
-        table.add_row(r.recipe, r.version, r.rule, "" if r.value is None else f"{r.value:.4g}",
-                      "" if r.measured is None else f"{r.measured:.4g}", r.device,
+        table.add_row(r.recipe, r.version, r.rule, "" if r.value is None else f"{r.value:.5g}",
+                      "" if r.measured is None else f"{r.measured:.5g}", r.device,
                       f"{r.wall_s:.0f} s" if r.wall_s else "", f"[{colour[r.status]}]{r.status}[/]")
     console.print(table)
     for r in results:
