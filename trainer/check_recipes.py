@@ -23,7 +23,8 @@ Each run is `python train.py recipe=<name> <short overrides> <your key=value> hy
 in a subprocess, exactly what a user would type (the command is printed with the result), so one recipe that
 crashes is reported and the others still run. The verdicts go to a table and to `<out>/check.json`.
 Exit status: 0 when nothing failed (skipped is not failed), 1 when a recipe missed its target, did not finish or
-declares no valid `expect` block, 2 for an unknown recipe name.
+declares no valid `expect` block, 2 for an unknown recipe name, 130 after Ctrl-C (the run in progress writes its
+checkpoint first, and the table covers what ran).
 """
 
 from __future__ import annotations
@@ -142,20 +143,26 @@ def check_one(name: str, version: str, out: Path, extra: list[str], timeout: flo
     result.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    try:
-        with open(run_dir / "check.log", "w") as log:
-            proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
-                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        result.wall_s = time.perf_counter() - start
-        result.status, result.reason = "error", f"did not finish within {timeout:g} s"
-        return result
+    with open(run_dir / "check.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: the run finishes its step and writes a checkpoint
+            proc.wait()
+            result.wall_s = time.perf_counter() - start
+            result.status, result.reason = "error", f"did not finish within {timeout:g} s"
+            return result
+        except KeyboardInterrupt:
+            proc.wait()  # Ctrl-C reached the run too: let it write its checkpoint (trainer.resume=auto continues)
+            raise
     result.wall_s = time.perf_counter() - start
     metrics_file = run_dir / "final_metrics.json"
-    if proc.returncode != 0 or not metrics_file.is_file():
+    if returncode != 0 or not metrics_file.is_file():
         tail = (run_dir / "check.log").read_text(errors="replace").strip().splitlines()[-3:]
         result.status = "error"
-        result.reason = f"train.py exited with {proc.returncode}: " + " | ".join(tail)
+        result.reason = f"train.py exited with {returncode}: " + " | ".join(tail)
         return result
     metrics = json.loads(metrics_file.read_text())
     manifest_file = run_dir / "manifest.json"
@@ -219,9 +226,15 @@ def main(argv: list[str] | None = None) -> int:
 
     has_cuda = torch.cuda.is_available()
     results = []
+    interrupted = False
     for name in names:
         console.print(f"[bold]{name}[/] ({version}) ...", highlight=False)
-        results.append(check_one(name, version, out, extra, args.timeout, has_cuda))
+        try:
+            results.append(check_one(name, version, out, extra, args.timeout, has_cuda))
+        except KeyboardInterrupt:  # report what has run so far
+            interrupted = True
+            results += [Result(n, version, "skipped", reason="interrupted (Ctrl-C)") for n in names[len(results):]]
+            break
         r = results[-1]
         console.print(f"  {r.status}" + (f": {r.value:.6g} ({r.rule})" if r.value is not None else
                                          f": {r.reason}" if r.reason else ""), highlight=False)
@@ -229,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "check.json").write_text(json.dumps({"version": version, "overrides": extra,
                                                 "results": [asdict(r) for r in results]}, indent=2) + "\n")
     console.print(f"results: {out / 'check.json'}", highlight=False)
+    if interrupted:
+        return 130
     return 1 if any(r.status in ("FAILED", "error") for r in results) else 0
 
 

@@ -108,3 +108,42 @@ def test_every_short_version_reaches_its_target(mnist_root, tmp_path):
         assert row["value"] is not None and (tmp_path / f"{name}-short" / "config.yaml").is_file()
     assert rows["char_transformer_gpu"]["extra"]["step"] == 50  # the GPU recipe's 50-step smoke version
     assert proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_reports_what_ran_and_the_run_keeps_its_checkpoint(mnist_root, tmp_path):
+    """Ctrl-C in a terminal signals the checker and its run together (one process group): the run finishes its
+    step and writes a checkpoint, the checker reports and exits 130."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.check_recipes", "mnist_vae_baseline", "mnist_vae",
+                             f"data.root={mnist_root}", "trainer.max_epochs=50", "trainer.log_interval=10",
+                             f"--out={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    metrics = tmp_path / "mnist_vae_baseline-short" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metrics.is_file(), "the run never started logging"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert [(r["recipe"], r["status"]) for r in report["results"]] == [("mnist_vae_baseline", "skipped"),
+                                                                        ("mnist_vae", "skipped")]
+    assert all("interrupted" in r["reason"] for r in report["results"])
+    assert list((tmp_path / "mnist_vae_baseline-short" / "checkpoints").glob("step-*.pt")), out
+    assert not (tmp_path / "mnist_vae-short").exists()  # the next recipe never started
+
+
+@pytest.mark.slow
+def test_timeout_stops_the_run_gracefully(mnist_root, tmp_path):
+    """--timeout sends SIGTERM: the run stops after its step with a checkpoint; the check says why it failed."""
+    proc, report = check("mnist_vae_baseline", f"data.root={mnist_root}", "trainer.max_epochs=50", "--timeout=12",
+                         f"--out={tmp_path}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (row,) = report["results"]
+    assert row["status"] == "error" and row["reason"] == "did not finish within 12 s"
+    assert list((tmp_path / "mnist_vae_baseline-short" / "checkpoints").glob("step-*.pt"))
