@@ -106,3 +106,24 @@ def test_fifty_steps_through_the_cli_lower_the_loss(mnist_root, tmp_path):
 
 
 # The GPU recipe's 50-step smoke version on CPU: tests/recipes/test_check_recipes.py (its expect.short block).
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(mnist_root, tmp_path):
+    """trainer.compile=true (torch.compile, TorchInductor's C++ backend on CPU) follows the eager run's losses:
+    the same math, fused into other kernels, so equal up to float rounding."""
+    from tests.conftest import compose_cfg
+    from trainer.run import run
+
+    curves = {}
+    for compiled in (False, True):
+        cfg = compose_cfg("recipe=char_transformer_cpu", f"data.root={mnist_root}", "task.n_layer=1",
+                          "task.n_embd=32", "task.n_head=2", "task.block_size=32", "trainer.max_steps=30",
+                          "schedule.warmup=5", "trainer.log_interval=5", "trainer.eval_interval=30",
+                          "task.eval_batches=2", "task.sample_chars=0", "trainer.checkpoint_interval=0",
+                          "trainer.histogram_interval=0", "trainer.progress=off", f"trainer.compile={compiled}")
+        final = run(cfg, tmp_path / str(compiled))
+        rows = [json.loads(line) for line in (tmp_path / str(compiled) / "metrics.jsonl").read_text().splitlines()]
+        curves[compiled] = [r["train/loss"] for r in rows if "train/loss" in r] + [final["val_loss"]]
+    assert len(curves[True]) == 7 and curves[True][0] > curves[True][-1] + 0.3  # it learns
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4), curves
