@@ -155,7 +155,7 @@ def check_one(name: str, version: str, out: Path, extra: list[str], timeout: flo
             result.status, result.reason = "error", f"did not finish within {timeout:g} s"
             return result
         except KeyboardInterrupt:
-            proc.wait()  # Ctrl-C reached the run too: let it write its checkpoint (trainer.resume=auto continues)
+            proc.wait()  # Ctrl-C reached the run too: let it write its checkpoint (trainer.resume=<run dir>)
             raise
     result.wall_s = time.perf_counter() - start
     metrics_file = run_dir / "final_metrics.json"
