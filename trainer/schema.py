@@ -133,13 +133,14 @@ def duration(positive: bool = False, nullable: bool = False) -> Spec:
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 device_spec = Spec(lambda v: isinstance(v, str) and bool(DEVICE_RE.match(v)), "auto, cpu, cuda, cuda:N or mps")
 
+
 def _short_ok(v: Any) -> bool:
-    """expect.short: the quick version of a recipe (overrides) and what it must reach."""
-    return (isinstance(v, dict) and set(v) <= {"overrides", "target", "tolerance", "measured"}
-            and {"overrides", "target"} <= set(v)
+    """expect.short: the quick version of a recipe (overrides) and what it must reach; its numbers follow the
+    same rules as expect.target / tolerance / measured."""
+    return (isinstance(v, dict) and {"overrides", "target"} <= set(v) <= {"overrides", "target", "tolerance",
+                                                                           "measured"}
             and isinstance(v["overrides"], list) and all(isinstance(o, str) and "=" in o for o in v["overrides"])
-            and is_number(v["target"]) and (is_number(v.get("tolerance", 0)) and v.get("tolerance", 0) >= 0)
-            and (v.get("measured") is None or is_number(v["measured"])))
+            and num()(v["target"]) and num(0)(v.get("tolerance", 0)) and num(nullable=True)(v.get("measured")))
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ RULES: list[tuple[str, Spec]] = [
     ("expect.tolerance", num(0)),
     ("expect.device", one_of("cpu", "cuda", "any")),
     ("expect.measured", num(nullable=True)),
-    ("expect.short", Spec(lambda v: _short_ok(v), "a mapping {overrides: [key=value, ...], target: number, "
+    ("expect.short", Spec(_short_ok, "a mapping {overrides: [key=value, ...], target: number, "
                                                    "tolerance: number >= 0, measured: number or null}")),
     # optimizer (and nested ones: optimizer.inner for lookahead)
     ("optimizer*.lr", POS),
