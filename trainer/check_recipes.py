@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,9 +195,9 @@ def report(results: list[Result], console: Console) -> None:
     console.print(table)
     for r in results:
         if r.reason:
-            console.print(f"  {r.recipe} ({r.version}, {r.status}): {r.reason}", highlight=False)
+            console.print(f"  {r.recipe} ({r.version}, {r.status}): {escape(r.reason)}", highlight=False)
         if r.status in ("FAILED", "error") and r.command:
-            console.print(f"    reproduce: {r.command}   (log: {r.run_dir}/check.log)", highlight=False)
+            console.print(escape(f"    reproduce: {r.command}   (log: {r.run_dir}/check.log)"), highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         r = results[-1]
         console.print(f"  {r.status}" + (f": {r.value:.6g} ({r.rule})" if r.value is not None else
-                                         f": {r.reason}" if r.reason else ""), highlight=False)
+                                         f": {escape(r.reason)}" if r.reason else ""), highlight=False)
     report(results, console)
     (out / "check.json").write_text(json.dumps({"version": version, "overrides": extra,
                                                 "results": [asdict(r) for r in results]}, indent=2) + "\n")
