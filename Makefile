@@ -32,7 +32,7 @@ bench: install            ## figures, not tests: trainer overhead, optimizer ste
 	$(BIN)/python bench/char_transformer.py
 
 check-recipes: install   ## every recipe's short version against its declared result (ARGS=--full: the real runs)
-	$(BIN)/python -m trainer.check_recipes $(ARGS)
+	$(BIN)/python -m experiments.check_recipes $(ARGS)
 
 lock: install             ## rewrite constraints.txt from the current venv
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^kiln'; } > constraints.tmp && mv constraints.tmp constraints.txt

@@ -1,7 +1,7 @@
 """Train a recipe: `python train.py [recipe=<name>] [group=option ...] [key=value ...]`.
 
 Compose the config (Hydra) -> validate and build -> fit. Everything else lives in trainer/.
-In a multirun (`-m`, a sweep) each job goes through trainer.sweep.run_job: a failed job is recorded and the sweep
+In a multirun (`-m`, a sweep) each job goes through experiments.sweep.run_job: a failed job is recorded and the sweep
 goes on, and jobs already finished in the same sweep directory are skipped (the ledger).
 """
 
@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from experiments.sweep import run_job  # also registers the ${kiln.direction:...} resolver the Optuna preset uses
 from trainer.cli_check import check_command_line
 from trainer.run import main as run_main
-from trainer.sweep import run_job  # also registers the ${kiln.direction:...} resolver the Optuna preset uses
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

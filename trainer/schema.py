@@ -195,7 +195,7 @@ RULES: list[tuple[str, Spec]] = [
     ("data.download", Spec(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")),
     ("monitor.metric", text()),
     ("monitor.mode", one_of("min", "max")),
-    # expect (closed): a recipe's declared result, checked by `python -m trainer.check_recipes`
+    # expect (closed): a recipe's declared result, checked by `python -m experiments.check_recipes`
     ("expect.metric", text()),
     ("expect.mode", one_of("min", "max")),
     ("expect.target", num()),

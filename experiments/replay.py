@@ -1,6 +1,6 @@
 """Replay a run directory into a new one and say whether the metrics match.
 
-    python -m trainer.replay runs/mnist_vae/2026-11-21_05-30-00 [--out DIR] [--tolerance 1e-3] [key=value ...]
+    python -m experiments.replay runs/mnist_vae/2026-11-21_05-30-00 [--out DIR] [--tolerance 1e-3] [key=value ...]
 
 The replay trains from the run's own record, `config.yaml` (the fully resolved config, so a later change to a
 YAML default cannot change what replays), into a new run directory (default: a sibling `<name>.replay`), then
@@ -95,7 +95,7 @@ def _manifest_differences(original: Path, replay: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.replay", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and final_metrics.json)")
     parser.add_argument("--out", type=Path, help="where the replay runs (default: <run_dir>.replay)")
     parser.add_argument("--tolerance", type=float, default=None,

@@ -1,8 +1,8 @@
 """Run the recipes and hold each to the result it declares.
 
-    python -m trainer.check_recipes                  # every recipe's short version (minutes on a CPU)
-    python -m trainer.check_recipes --full           # the full recipes, as published (hours on a CPU)
-    python -m trainer.check_recipes mnist_vae char_transformer_cpu [--full] [--out DIR] [key=value ...]
+    python -m experiments.check_recipes                  # every recipe's short version (minutes on a CPU)
+    python -m experiments.check_recipes --full           # the full recipes, as published (hours on a CPU)
+    python -m experiments.check_recipes mnist_vae char_transformer_cpu [--full] [--out DIR] [key=value ...]
 
 Every recipes/<name>.yaml declares its result in an `expect` block:
 
@@ -130,7 +130,7 @@ def check_one(name: str, version: str, out: Path, extra: list[str], timeout: flo
     except Exception as e:  # a composition error: the recipe itself is broken
         return Result(name, version, "error", reason=f"does not compose: {type(e).__name__}: {e}")
     if expect is None:
-        return Result(name, version, "error", reason="declares no `expect` block (see trainer/check_recipes.py)")
+        return Result(name, version, "error", reason="declares no `expect` block (see experiments/check_recipes.py)")
     missing = [f"expect.{k}: missing" for k in ("metric", "target", "short") if k not in expect]
     if bad or missing:
         return Result(name, version, "error", reason=f"invalid expect block: {'; '.join(bad + missing)}")
@@ -201,7 +201,7 @@ def report(results: list[Result], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.check_recipes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.check_recipes", description=__doc__.split("\n\n")[0])
     parser.add_argument("items", nargs="*", metavar="recipe|key=value",
                         help="recipes to check (default: all in recipes/) and config overrides for every run")
     parser.add_argument("--full", action="store_true", help="run the full recipes instead of the short versions")

@@ -1,4 +1,4 @@
-"""`python -m trainer.replay <run_dir>`: a CPU run replays bit for bit; the comparison catches a difference."""
+"""`python -m experiments.replay <run_dir>`: a CPU run replays bit for bit; the comparison catches a difference."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import shutil
 import subprocess
 import sys
 
+from experiments.replay import compare
 from tests.conftest import ROOT, run_cli
-from trainer.replay import compare
 
 
 def test_a_cpu_run_replays_bit_for_bit(mnist_root, tmp_path):
@@ -17,7 +17,7 @@ def test_a_cpu_run_replays_bit_for_bit(mnist_root, tmp_path):
                     "trainer.pictures=false", "trainer.histogram_interval=0", f"data.root={mnist_root}",
                     f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr
-    replay = subprocess.run([sys.executable, "-m", "trainer.replay", str(run_dir), "--out", str(out_dir)], cwd=ROOT,
+    replay = subprocess.run([sys.executable, "-m", "experiments.replay", str(run_dir), "--out", str(out_dir)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert "MATCH" in replay.stdout and "bit for bit" in replay.stdout
@@ -51,6 +51,6 @@ def test_compare_is_exact_by_default_and_tolerant_when_asked(tmp_path):
 
 
 def test_a_directory_that_is_not_a_run_exits_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "trainer.replay", str(tmp_path)], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "experiments.replay", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "not a finished run directory" in out.stderr

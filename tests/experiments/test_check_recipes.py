@@ -1,4 +1,4 @@
-"""`python -m trainer.check_recipes`: every recipe declares its result, and the checker holds runs to it.
+"""`python -m experiments.check_recipes`: every recipe declares its result, and the checker holds runs to it.
 
 The slow test runs every recipe's short version on this machine, the GPU transformer's 50-step smoke version
 included (batch 4, fp32, no compile, on the CPU when there is no GPU), and asserts each reaches its declared target.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.check_recipes import Expectation, expectation, recipe_names
 from tests.conftest import ROOT, compose_cfg
-from trainer.check_recipes import Expectation, expectation, recipe_names
 from trainer.validate import validate
 
 RECIPES = recipe_names()
@@ -23,7 +23,7 @@ RECIPES = recipe_names()
 def check(*args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict | None]:
     """Run the checker as a user would; returns the process and check.json (None if it was not written)."""
     out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--out=")))  # the tests give absolute paths
-    proc = subprocess.run([sys.executable, "-m", "trainer.check_recipes", *args], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "experiments.check_recipes", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     path = out / "check.json"
     return proc, json.loads(path.read_text()) if path.is_file() else None
@@ -61,7 +61,7 @@ def test_invalid_expect_block_is_a_config_error():
 
 
 def test_unknown_recipe_exits_2_with_a_suggestion(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer.check_recipes", "mnist_vea", f"--out={tmp_path}"],
+    proc = subprocess.run([sys.executable, "-m", "experiments.check_recipes", "mnist_vea", f"--out={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown recipe 'mnist_vea'" in proc.stderr and "mnist_vae" in proc.stderr
@@ -118,7 +118,7 @@ def test_ctrl_c_reports_what_ran_and_the_run_keeps_its_checkpoint(mnist_root, tm
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.check_recipes", "mnist_vae_baseline", "mnist_vae",
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.check_recipes", "mnist_vae_baseline", "mnist_vae",
                              f"data.root={mnist_root}", "trainer.max_epochs=50", "trainer.log_interval=10",
                              f"--out={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

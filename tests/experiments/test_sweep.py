@@ -13,7 +13,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import trainer.sweep  # noqa: F401  (registers ${kiln.direction:...})
+import experiments.sweep  # noqa: F401  (registers ${kiln.direction:...})
 from tests.conftest import ROOT, run_cli
 
 TINY = ("trainer.max_steps=2", "trainer.pictures=false", "trainer.eval_interval=0", "trainer.log_interval=1",
