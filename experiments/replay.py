@@ -3,8 +3,12 @@
     python -m experiments.replay runs/mnist_vae/2026-11-21_05-30-00 [--out DIR] [--tolerance 1e-3] [key=value ...]
 
 The replay trains from the run's own record, `config.yaml` (the fully resolved config, so a later change to a
-YAML default cannot change what replays), into a new run directory (default: a sibling `<name>.replay`), then
-compares `final_metrics.json` and every logged train loss / eval metric in `metrics.jsonl`, step by step. Timings
+YAML default cannot change what replays), into a new, empty run directory (default: a sibling `<name>.replay`;
+nothing is ever written into the original), then compares `final_metrics.json` and every logged train loss / eval
+metric in `metrics.jsonl`, step by step. It starts where the original started: from step 0, or, for a run begun
+from another run's checkpoint or changed at a resume, from the exact checkpoint bytes that segment started from
+(the copy kept in the run's checkpoints/, checked against the sha256 in manifest.json; values logged before that
+step are not compared). The tolerance is relative: |a - b| <= tol * max(|a|, |b|). Timings
 (wall_time_s, samples/s, tokens/s) are not compared. On CPU the default tolerance is 0: bit for bit (the loop is a
 deterministic function of the seed and step; `trainer.deterministic=true` also pins the few nondeterministic
 kernels). On CUDA the default is a relative tolerance of 1e-3, stated in the verdict: atomics in some kernels and
@@ -28,7 +32,9 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-_TIMING = ("wall_time_s", "per_s")  # keys that measure the machine, not the run
+from trainer.checkpoint import file_digest
+
+_TIMING = ("wall_time_s", "train_time_s", "per_s", "time/")  # keys that measure the machine, not the run
 GPU_TOLERANCE = 1e-3
 
 
@@ -37,33 +43,38 @@ def _timing(key: str) -> bool:
 
 
 def _close(a: Any, b: Any, tol: float) -> bool:
+    """Equal within a relative tolerance (|a - b| <= tol * max(|a|, |b|)); no absolute floor, so a learning rate of
+    1e-4 and one of 3e-4 differ at any tolerance below 2/3."""
     if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return a == b
     if math.isnan(a) and math.isnan(b):
         return True
-    return a == b if tol == 0 else math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+    return a == b if tol == 0 else math.isclose(a, b, rel_tol=tol, abs_tol=0.0)
 
 
-def _jsonl(path: Path) -> dict[tuple[int, str], Any]:
-    """metrics.jsonl as {(step, key): value}, timings left out."""
+def _jsonl(path: Path, after: int = 0) -> dict[tuple[int, str], Any]:
+    """metrics.jsonl as {(step, key): value} for steps > `after`, timings left out."""
     values: dict[tuple[int, str], Any] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
             step = row.pop("step")
-            values.update({(step, k): v for k, v in row.items() if not _timing(k)})
+            if step > after:
+                values.update({(step, k): v for k, v in row.items() if not _timing(k)})
     return values
 
 
-def compare(original: Path, replay: Path, tolerance: float) -> tuple[bool, list[tuple[str, Any, Any, bool]]]:
-    """(all match, rows of (what, original, replay, match)) for the final metrics and the logged metrics."""
+def compare(original: Path, replay: Path, tolerance: float,
+            after: int = 0) -> tuple[bool, list[tuple[str, Any, Any, bool]]]:
+    """(all match, rows of (what, original, replay, match)) for the final metrics and the values logged after step
+    `after` (the step a replay resumed from)."""
     rows: list[tuple[str, Any, Any, bool]] = []
     a = json.loads((original / "final_metrics.json").read_text())
     b = json.loads((replay / "final_metrics.json").read_text())
     for k in [*a, *(k for k in b if k not in a)]:
         if not _timing(k):
             rows.append((f"final {k}", a.get(k), b.get(k), _close(a.get(k), b.get(k), tolerance)))
-    la, lb = _jsonl(original / "metrics.jsonl"), _jsonl(replay / "metrics.jsonl")
+    la, lb = _jsonl(original / "metrics.jsonl", after), _jsonl(replay / "metrics.jsonl", after)
     logged = [(f"step {s} {k}", la.get((s, k)), lb.get((s, k)), _close(la.get((s, k)), lb.get((s, k)), tolerance))
               for s, k in sorted(set(la) | set(lb))]
     rows += logged
@@ -77,6 +88,30 @@ def _default_out(run_dir: Path) -> Path:
         out = run_dir.with_name(f"{run_dir.name}.replay{n}")
         n += 1
     return out
+
+
+def starting_point(run_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None, int, str]:
+    """Where the replay starts: (checkpoint or None for step 0, its step, why). A run that began from another run's
+    checkpoint, or whose config changed at a resume, is replayed from the exact bytes that segment started from
+    (its kept copy, checked against the sha256 the manifest recorded); any other run from step 0."""
+    from trainer.errors import UserError
+
+    start, resumes = manifest.get("start") or {"step": 0}, manifest.get("resumes") or []
+    changed = [r for r in resumes if r.get("changes")]
+    if changed:
+        point, why = resumes[-1], "its config changed at a resume: the last segment is replayed"
+    elif start.get("sha256"):
+        point, why = start, "it started from another run's checkpoint"
+    else:
+        return None, 0, "from step 0"
+    candidates = [run_dir / point["copy"]] if point.get("copy") else []
+    candidates.append(Path(point["checkpoint"]))
+    for path in candidates:
+        if path.is_file() and file_digest(path) == point["sha256"]:
+            return path, int(point["step"]), f"from step {point['step']} ({why})"
+    raise UserError(f"{run_dir}: the checkpoint this run resumed from (step {point['step']}, sha256 "
+                    f"{point['sha256'][:16]}...) is gone: neither {', '.join(map(str, candidates))} holds those bytes "
+                    "any more, so the run cannot be replayed exactly.")
 
 
 def _manifest_differences(original: Path, replay: Path) -> list[str]:
@@ -116,15 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "final_metrics.json").is_file():
         print_error(f"{run_dir} is not a finished run directory (it needs config.yaml and final_metrics.json)")
         return 2
+    out = (args.out or _default_out(run_dir)).resolve()
+    if out == run_dir.resolve() or run_dir.resolve() in out.parents or (out.exists() and any(out.iterdir())):
+        print_error(f"--out {out}: a replay writes only into a new, empty directory (not the original run's, not an "
+                    "existing run's). Pick another --out, or leave it out for a fresh sibling directory.")
+        return 2
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    if cfg.trainer.get("resume"):
-        console.print(f"note: the original resumed from {cfg.trainer.resume}; the replay resumes from it too")
+    try:
+        checkpoint, after, how = starting_point(run_dir, manifest)
+    except UserError as e:
+        print_error(str(e))
+        return 2
+    # Never resume=auto (it would find the original and train inside it), never a path looked up today.
+    cfg.trainer.resume = str(checkpoint) if checkpoint else None
+    cfg.trainer.existing_run = "refuse"
+    console.print(f"replaying {how}")
     if args.overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
         console.print(f"replayed with changes: {' '.join(args.overrides)}")
     saved = run_dir / "overrides.yaml"
     overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
-    out = args.out or _default_out(run_dir)
     try:
         validate(cfg)
         run(cfg, out, [*overrides, *args.overrides])
@@ -132,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(e))
         return e.exit_code
 
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     on_gpu = str(manifest.get("device", "cpu")).startswith("cuda")
     tol = args.tolerance if args.tolerance is not None else (GPU_TOLERANCE if on_gpu else 0.0)
-    ok, rows = compare(run_dir, out, tol)
+    ok, rows = compare(run_dir, out, tol, after=after)
     rule = "bit for bit" if tol == 0 else f"relative tolerance {tol:g}"
     bad = [r for r in rows if not r[3]]
     table = Table(title=f"replay of {run_dir} -> {out} ({rule})")
@@ -150,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  environment differs: {line}")
     (out / "replay.json").write_text(json.dumps(
         {"original": str(run_dir), "match": ok, "tolerance": tol, "compared": len(rows),
+         "resumed_from": {"checkpoint": str(checkpoint), "step": after} if checkpoint else None,
          "differs": [{"value": w, "original": a, "replay": b} for w, a, b, _ in bad]}, indent=2) + "\n")
     if ok:
         console.print(f"[bold green]MATCH[/]: {len(rows)} values ({rule}): final metrics and "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -117,11 +119,12 @@ def test_negative_control_resume_fails_without_rng_or_data_position(mnist_root, 
     run(vae(), tmp_path / "straight")
     original = Trainer.load_state_dict
 
-    def forgetful(self, state):
+    def forgetful(self, state, *args):
         if leave_out == "rng":
-            state = {**state, "rng": {"python": state["rng"]["python"], "numpy": state["rng"]["numpy"],
-                                      "torch": torch.random.default_generator.get_state()}}
-        original(self, state)
+            rng = {"python": state["rng"]["python"], "numpy": state["rng"]["numpy"],
+                   "torch": torch.random.default_generator.get_state()}
+            state = {**state, "rng": rng, "rng_ranks": [rng]}
+        original(self, state, *args)
         if leave_out == "data position":
             sampler = self.p.sampler
             base = sampler.indices
@@ -202,3 +205,177 @@ def test_fp16_overflow_steps_do_not_advance_schedule_or_step(mnist_root, tmp_pat
     assert final["step"] == 20 and final.get("skipped_fp16_overflow", 0) >= 1
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["scheduler"]["last_epoch"] == 20
+
+
+# -- fp16 loss scaling on the CPU (torch.amp.GradScaler("cpu")): the config refuses amp=fp16 on a CPU for users,
+# so these tests build the trainer directly with a scaler and fp16 autocast.
+def fp16_run(cfg, run_dir):
+    import dataclasses
+
+    from trainer.log import NullLogger
+    from trainer.loop import build
+
+    parts = dataclasses.replace(build(cfg), autocast=torch.autocast("cpu", dtype=torch.float16),
+                                scaler=torch.amp.GradScaler("cpu"))
+    trainer = Trainer(parts, run_dir)
+    return trainer.fit(NullLogger()), trainer
+
+
+def inf_grad_cfg(*overrides, inf_grad=(5,), times=None):
+    cfg = line_cfg("optimizer=momentum", "optimizer.lr=0.01", "trainer.eval_interval=0", *overrides)
+    cfg.task.inf_grad = list(inf_grad)
+    cfg.task.inf_grad_times = times
+    cfg.early_stop = None
+    return cfg
+
+
+def test_fp16_overflow_is_redone_without_advancing_the_step_or_schedule(tmp_path):
+    """Two overflows of one batch (below the retry bound): the step is redone at the lowered scale, and the result
+    is exactly the run that never overflowed (SGD's update is scale-free; power-of-two scales unscale exactly)."""
+    clean, _ = fp16_run(inf_grad_cfg("trainer.max_steps=16", inf_grad=()), tmp_path / "clean")
+    final, trainer = fp16_run(inf_grad_cfg("trainer.max_steps=16", times=2), tmp_path / "overflow")
+    assert final["step"] == 16 and final["skipped_fp16_overflow"] == 2 and "skipped_nonfinite" not in final
+    assert trainer.p.scheduler.last_epoch == 16
+    assert trainer.p.scaler.get_scale() == 65536.0 / 4
+    assert final["distance"] == clean["distance"]
+    assert torch.equal(params(tmp_path / "overflow")["w"], params(tmp_path / "clean")["w"])
+
+
+def test_fp16_retries_are_bounded_then_the_batch_counts_as_nonfinite(tmp_path):
+    """A batch whose gradient is infinite at every scale: retried trainer.fp16_max_retries times, then skipped and
+    counted as non-finite (today it was retried until the scale reached 0, and every later step was NaN)."""
+    bad = poisoned_step()
+    final, trainer = fp16_run(inf_grad_cfg("trainer.max_steps=16", "trainer.nonfinite=skip",
+                                           "trainer.fp16_max_retries=3"), tmp_path)
+    assert final["step"] == 16 and final["skipped_nonfinite"] == 1 and final["skipped_fp16_overflow"] == 4
+    assert trainer.p.scaler.get_scale() == 65536.0 / 16
+    assert math.isfinite(final["distance"]) and torch.isfinite(params(tmp_path)["w"]).all()
+    with pytest.raises(NonFiniteError, match=f"step {bad}.*fp16"):
+        fp16_run(inf_grad_cfg("trainer.max_steps=16", "trainer.nonfinite=raise", "trainer.fp16_max_retries=3"),
+                 tmp_path / "raise")
+
+
+def test_max_nonfinite_applies_with_a_scaler(tmp_path):
+    final, _ = fp16_run(inf_grad_cfg("trainer.max_steps=16", "trainer.nonfinite=skip", "trainer.max_nonfinite=3",
+                                     "trainer.fp16_max_retries=1", inf_grad=range(64)), tmp_path)
+    assert final["step"] == 3 and "3 non-finite steps in a row" in final["stop_reason"]
+
+
+def test_a_scale_below_the_minimum_gives_up_on_the_batch(tmp_path):
+    final, trainer = fp16_run(inf_grad_cfg("trainer.max_steps=16", "trainer.nonfinite=skip",
+                                           "trainer.fp16_max_retries=100", "trainer.fp16_min_scale=4096"), tmp_path)
+    assert final["skipped_nonfinite"] == 1 and final["skipped_fp16_overflow"] == 5  # 65536 -> 2048 < 4096
+    assert trainer.p.scaler.get_scale() == 2048.0
+
+
+# -- no checkpoint holds non-finite weights; no run ends with a non-finite metric and exit 0 ------------------
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_an_update_that_makes_the_weights_nonfinite_stops_before_the_checkpoint(tmp_path, mode):
+    # SGD from w = 0 on (w - 10)^2: w_1 = 20 * lr, infinite in float32 for lr = 1e38 although the loss was finite
+    cfg = inf_grad_cfg("optimizer=sgd", "optimizer.lr=1e38", "trainer.max_steps=1", f"trainer.nonfinite={mode}",
+                       inf_grad=())
+    with pytest.raises(NonFiniteError, match="parameters are not finite after step 1"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "final_metrics.json").exists()
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_diverged_sgd_on_the_vae_exits_nonzero(mnist_root, tmp_path):
+    out = run_cli(f"data.root={mnist_root}", "optimizer=sgd", "optimizer.lr=1e37", "trainer.max_steps=1",
+                  "trainer.pictures=false", f"hydra.run.dir={tmp_path}")
+    assert out.returncode != 0  # the weights are huge but finite; the forward pass overflows
+    assert "final metric test_loss is nan" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "final_metrics.json").exists()
+
+
+def test_a_nonfinite_final_metric_is_an_error(tmp_path, monkeypatch):
+    from tests.toy import LineTask
+
+    monkeypatch.setattr(LineTask, "evaluate", lambda self, model: {"distance": float("nan")})
+    with pytest.raises(NonFiniteError, match="final metric distance is nan"):
+        run(inf_grad_cfg("trainer.max_steps=4", inf_grad=()), tmp_path)
+    assert not (tmp_path / "final_metrics.json").exists()
+
+
+def test_ddp_resume_restores_every_ranks_own_rng(mnist_root, tmp_path):
+    """Dropout draws differ per rank; after a resume each rank must continue its own stream, so 2 ranks resumed at
+    step 3 end exactly where 2 ranks run straight end (today every rank got rank 0's RNG state back)."""
+    args = [f"data.root={mnist_root}", "regularize.dropout=0.3", "optimizer=momentum", "optimizer.lr=0.01",
+            "schedule=constant", "task.batch_size=64", "trainer.eval_interval=0", "trainer.log_interval=1",
+            "trainer.checkpoint_interval=3", "trainer.keep_checkpoints=0", "trainer.pictures=false",
+            "trainer.histogram_interval=0", "trainer.threads=1", "trainer.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={free_port()}", str(ROOT / "train.py"), *args, *extra],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    torchrun("trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'straight'}")
+    ckpt = tmp_path / "straight" / "checkpoints" / "step-00000003.pt"
+    assert len(load_checkpoint(ckpt)["rng_ranks"]) == 2
+    torchrun("trainer.max_steps=6", f"trainer.resume={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    a, b = params(tmp_path / "straight"), params(tmp_path / "resumed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_at_ten_random_moments_resumes_from_the_newest_intact_checkpoint(mnist_root, tmp_path):
+    """SIGKILL (no handler runs, no checkpoint is written on the way out) at 10 random moments, three of them in the
+    middle of a checkpoint write (a temporary file is on disk when the kill lands). After each kill the same
+    command (trainer.resume=auto) continues from the newest intact checkpoint; the run ends bit-equal to one never
+    killed, with exactly one metrics.jsonl row per logged step (rows past the resumed checkpoint are dropped)."""
+    rng = random.Random(2024)
+    run_dir = tmp_path / "killed"
+    args = cnn_args(mnist_root, run_dir, "trainer.resume=auto", "trainer.checkpoint_interval=4")
+    mid_write = set(rng.sample(range(10), 3))
+    kills = []
+    while len(kills) < 10:
+        done = CheckpointDir(run_dir / "checkpoints").step_files()
+        start = int(done[-1].stem.split("-")[1]) if done else 0
+        target = rng.randint(start + 1, min(start + 9, 75))
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        caught_mid_write = False
+        for line in proc.stdout:
+            if not (line.startswith("step ") and int(line.split()[1].split("/")[0]) >= target):
+                continue
+            if len(kills) in mid_write:  # wait for the next checkpoint write to begin, then kill inside it
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and proc.poll() is None:
+                    if any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir()):
+                        proc.kill()
+                        caught_mid_write = True
+                        break
+            else:
+                time.sleep(rng.uniform(0, 0.05))  # somewhere inside a step
+                proc.kill()
+            break
+        proc.wait(timeout=300)
+        proc.stdout.close()
+        if proc.returncode != -signal.SIGKILL:
+            continue  # it finished or the write ended before the kill: try again
+        if len(kills) in mid_write and not caught_mid_write:
+            continue
+        if caught_mid_write:
+            assert any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+        kills.append((target, caught_mid_write))
+    assert sum(mid for _, mid in kills) == 3
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]  # debris cleared
+
+    straight = tmp_path / "straight"
+    out = run_cli(*cnn_args(mnist_root, straight, "trainer.checkpoint_interval=4"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = params(straight), params(run_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if "train/loss" in r) == list(range(1, 81))
+    keys = [(r["step"], k) for r in rows for k in r if k != "step"]
+    assert len(keys) == len(set(keys))  # no value logged twice for one step
+    reference = [json.loads(r) for r in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["train/loss"] for r in rows if "train/loss" in r} == \
+        {r["step"]: r["train/loss"] for r in reference if "train/loss" in r}

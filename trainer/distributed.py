@@ -53,6 +53,14 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return bool(box[0])
 
+    def all_gather(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank (a checkpoint keeps each rank's RNG state)."""
+        if not self.enabled:
+            return [obj]
+        out: list[object] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
@@ -44,11 +45,16 @@ class RunLogger:
         if progress not in ("rich", "plain", "off"):
             raise ValueError(f"trainer.progress={progress!r}: use auto, rich, plain or off")
         self.mode, self.total_steps = progress, total_steps
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+        # TensorBoard and metrics.jsonl forget what an earlier process logged after the step this one starts from
+        # (a resume in the same directory, or a fresh start where a killed run left rows but no checkpoint).
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step)
         jsonl = self.run_dir / "metrics.jsonl"
-        if start_step and jsonl.is_file():  # resuming in the same directory: drop what came after the checkpoint
-            rows = [r for r in jsonl.read_text().splitlines() if json.loads(r)["step"] <= start_step]
-            jsonl.write_text("".join(r + "\n" for r in rows))
+        if jsonl.is_file():
+            kept = [r for r in jsonl.read_text().splitlines() if (_row_step(r) or 0) > 0
+                    and _row_step(r) <= start_step]
+            tmp = jsonl.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            tmp.replace(jsonl)
         self._jsonl = open(jsonl, "a")  # noqa: SIM115 (closed in close())
         self._start_time, self._start_step = time.perf_counter(), start_step
         self._progress: Progress | None = None
@@ -107,12 +113,25 @@ class RunLogger:
         self._jsonl.close()
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a line cut short by a kill mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 _CONSOLE = {"train/epoch": "epoch {:.2f}", "train/loss": "loss {:.4g}", "train/lr": "lr {:.2e}",
             "train/samples_per_s": "{:,.0f} samples/s"}
 
 
 def print_error(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.stderr.flush()
+
+
+def print_warning(message: str) -> None:
+    Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.stderr.flush()
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +33,12 @@ from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import CoupledWeightDecay, coupled_weight_decay
 from schedules import Horizon, build_scheduler
 from tasks.base import Task
-from trainer import distributed
-from trainer.checkpoint import CheckpointDir, load_checkpoint, resume_candidates
+from trainer import distributed, resume
+from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
 from trainer.device import resolve_device
 from trainer.early_stop import EarlyStopping
 from trainer.errors import ConfigError, UserError
-from trainer.log import RunLogger, print_error
+from trainer.log import RunLogger, print_error, print_warning
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.sampler import SAMPLERS, EpochSampler, RandomSampler
 
@@ -143,6 +145,10 @@ class Trainer:
         self.nonfinite, self.max_nonfinite = t.nonfinite, t.max_nonfinite
         if self.nonfinite not in ("raise", "skip"):
             raise ConfigError(f"trainer.nonfinite={self.nonfinite!r}: use raise or skip")
+        # fp16: an overflowing batch is redone at the halved loss scale at most this often, and never below the
+        # minimum scale (fairseq's min_loss_scale); then it counts as a non-finite step.
+        self.fp16_max_retries, self.fp16_min_scale = t.get("fp16_max_retries", 10), t.get("fp16_min_scale", 1e-4)
+        self.fp16_retries = 0
         # Optimizers whose rule uses the loss (AdaLo) declare `requires_loss` and get it as step(loss=...).
         self.needs_loss = getattr(parts.optimizer, "requires_loss", False)
         self.params = [p for p in parts.model.parameters() if p.requires_grad]
@@ -153,52 +159,88 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.train_model = model
         self.signal: int | None = None
+        self.run_id = ""  # set by trainer.run: written into every checkpoint (a run directory holds one run)
         # Resumable loop state (everything else lives in the parts' own state_dicts).
         self.step = 0
         self.loss_sum = torch.zeros((), device=parts.device)  # train loss summed since the last log
         self.loss_count = 0
         self.last_eval_step = -1
-        self.stop_reason = ""
+        self.last_metrics: dict[str, float] = {}  # of the evaluation at last_eval_step
+        self.stop_reason = ""  # early stopping's decision (survives resume)
+        self.train_time = 0.0  # seconds of training so far: evaluation, checkpoints and pictures left out
         self.skipped = {"nonfinite": 0, "nonfinite_in_a_row": 0, "fp16_overflow": 0}
         # with nonfinite=raise: the first step whose loss was not finite, kept on the device (-1: none)
         self.first_bad_step = torch.full((), -1, device=parts.device, dtype=torch.long)
+        self.params_checked_at = 0  # the last step at which every parameter was seen finite
+        self._excluded = 0.0  # seconds of this fit() spent outside training (evaluation, checkpoints, pictures)
 
     # -- checkpoint state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs. Collective under DDP: every rank contributes its own RNG state."""
         p = self.p
+        rng = rng_state()
         return {
             "step": self.step,
+            "run_id": self.run_id,
             "model": p.model.state_dict(),
             "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
             "scaler": p.scaler.state_dict() if p.scaler else None,
             "transforms": p.transforms.state_dict(),
             "early_stop": p.early_stop.state_dict() if p.early_stop else None,
-            "rng": rng_state(),
+            "rng": rng,
+            "rng_ranks": p.dist.all_gather(rng),
             "loop": {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "last_eval_step": self.last_eval_step,
-                     "skipped": dict(self.skipped)},
+                     "last_metrics": dict(self.last_metrics), "stop_reason": self.stop_reason,
+                     "train_time": self.train_time_now(), "skipped": dict(self.skipped)},
             "config": OmegaConf.to_container(p.cfg, resolve=True),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        p = self.p
+    def load_state_dict(self, state: dict[str, Any], changes: dict[str, tuple] | None = None) -> None:
+        """Restore a checkpoint. `changes` (config key -> (old, new)) are the resume's accepted config changes:
+        hyperparameters and the schedule follow the new config; a new optimizer type starts from fresh state."""
+        p, changes = self.p, changes or {}
+        fresh = resume.group_hyperparameters(p.optimizer)
+        fresh_base_lrs = list(p.scheduler.base_lrs)
         p.model.load_state_dict(state["model"])
-        p.optimizer.load_state_dict(state["optimizer"])
+        if resume.optimizer_type_changed(changes):
+            if p.dist.is_main:
+                print_warning("the optimizer's type changed on resume: it starts from fresh optimizer state "
+                              "(the model weights, the step and the schedule continue).")
+        else:
+            p.optimizer.load_state_dict(state["optimizer"])
         p.scheduler.load_state_dict(state["scheduler"])
+        if changes:  # the new config's lr, betas, weight decay..., base LRs and horizon from here on
+            resume.reapply_hyperparameters(p.optimizer, fresh)
+            resume.rebase_schedule(p.scheduler, fresh_base_lrs)
         if p.scaler and state["scaler"]:
             p.scaler.load_state_dict(state["scaler"])
         p.transforms.load_state_dict(state["transforms"])
         if p.early_stop and state["early_stop"]:
             p.early_stop.load_state_dict(state["early_stop"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == p.dist.world:
+            set_rng_state(ranks[p.dist.rank])  # every rank continues its own dropout / augmentation stream
+        else:
+            set_rng_state(state["rng"])
+            if p.dist.enabled:
+                torch.manual_seed(p.cfg.trainer.seed * 1_000_003 + self.step * 1_009 + p.dist.rank)
         self.step = state["step"]
         loop = state["loop"]
         self.loss_sum = loop["loss_sum"].to(p.device)
         self.loss_count, self.last_eval_step = loop["loss_count"], loop["last_eval_step"]
+        self.last_metrics = dict(loop.get("last_metrics", {}))
+        self.train_time = float(loop.get("train_time", 0.0))
         self.skipped.update(loop.get("skipped", {}))
+        early_stop_changed = any(k == "early_stop" or k.startswith("early_stop.") for k in changes)
+        if loop.get("stop_reason") and p.early_stop and not early_stop_changed:
+            self.stop_reason = loop["stop_reason"]  # an early-stopped run stays stopped
+        self.params_checked_at = self.step
 
-    def resume(self, path: str | Path) -> Path:
-        """Load the newest readable checkpoint at `path` (a file, a run directory or its checkpoints folder)."""
+    def resume(self, path: str | Path) -> dict[str, Any]:
+        """Load the newest readable checkpoint at `path` (a file, a run directory or its checkpoints folder),
+        after checking its config against this run's. Returns what was resumed: checkpoint, sha256, step, changes."""
+        t = self.p.cfg.trainer
         for ckpt in resume_candidates(path):
             try:
                 state = load_checkpoint(ckpt, map_location=self.p.device)
@@ -206,21 +248,51 @@ class Trainer:
                 if self.p.dist.is_main:
                     print_error(f"{e} Falling back to the previous checkpoint.")
                 continue
-            self.load_state_dict(state)
-            return ckpt
+            if "optimizer" not in state:
+                raise UserError(f"trainer.resume={path}: {ckpt} holds only model weights (best.pt keeps the best "
+                                "evaluation's weights), not a training state. Resume from a step-*.pt checkpoint "
+                                "or a run directory.")
+            new = OmegaConf.to_container(self.p.cfg, resolve=True)
+            changes = resume.check_changes(state.get("config", {}), new, str(path),
+                                           allow=bool(t.get("resume_allow_changes", False)))
+            self.load_state_dict(state, changes)
+            return {"checkpoint": ckpt, "sha256": file_digest(ckpt), "step": self.step, "run_id": state.get("run_id"),
+                    "changes": {k: list(v) for k, v in changes.items() if not k.startswith("trainer.resume")}}
         raise UserError(f"trainer.resume={path}: no readable checkpoint there.")
 
     def save(self) -> Path | None:
-        if self.p.dist.is_main:
-            return self.checkpoints.save(self.state_dict(), self.step)
+        """A checkpoint of the current step; never of non-finite weights (collective under DDP)."""
+        with self._not_training():
+            self._check_params()
+            state = self.state_dict()
+            if self.p.dist.is_main:
+                return self.checkpoints.save(state, self.step)
         return None
+
+    # -- time --------------------------------------------------------------------------------------------------
+    def train_time_now(self) -> float:
+        if not hasattr(self, "_fit_start"):
+            return self.train_time
+        return self.train_time + (time.perf_counter() - self._fit_start) - self._excluded
+
+    @contextlib.contextmanager
+    def _not_training(self) -> Iterator[None]:
+        """Time spent in here (evaluation, checkpoints, pictures, histograms) is not training time."""
+        self._depth = getattr(self, "_depth", 0) + 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._excluded += time.perf_counter() - start
 
     # -- the loop -----------------------------------------------------------------------------------------
     def fit(self, log: RunLogger) -> dict[str, Any]:
         p = self.p
         opt, task = p.optimizer, p.task
-        start_time = time.perf_counter()
-        tick, tick_step = start_time, self.step
+        self._fit_start, self._excluded = time.perf_counter(), 0.0
+        tick, tick_step = self.train_time_now(), self.step
         self.train_model.train()
         while self.step < self.total_steps and not self.stop_reason:
             logging_now = (self.step + 1) % self.log_every == 0
@@ -234,15 +306,16 @@ class Trainer:
             p.scheduler.step()
             self.step += 1
             if self.hist_every and self.step % self.hist_every == 0:
-                self._histograms(log)
+                with self._not_training():
+                    self._histograms(log)
             opt.zero_grad(set_to_none=True)
             log.advance(self.step)
 
             if logging_now:  # the only host synchronisation of a training step, once per interval
                 self._check_finite()
-                now = time.perf_counter()
+                now = self.train_time_now()
                 self._log(log, lrs, norms, samples_per_s=(self.step - tick_step) * task.batch_size / (now - tick))
-                tick, tick_step = time.perf_counter(), self.step
+                tick, tick_step = self.train_time_now(), self.step
             if self.eval_every and self.step % self.eval_every == 0:
                 self._check_finite()
                 self._evaluate(log)
@@ -253,28 +326,59 @@ class Trainer:
                 self._check_finite()
                 self._interrupted()
 
-        # The end: a last evaluation and checkpoint, then the best weights back if early stopping kept them.
+        # The end: a last evaluation (unless this step was just evaluated) and checkpoint, then the best weights
+        # back if early stopping kept them.
         self._check_finite()
-        if self.last_eval_step != self.step:
-            self._evaluate(log)
-        if not self.ckpt_every or self.step % self.ckpt_every:
-            self.save()
-        wall = time.perf_counter() - start_time
-        final = {"step": self.step, "epoch": round(self.step / p.sampler.steps_per_epoch, 4)}
-        if p.early_stop and p.early_stop.restore(p.model):
-            final["restored_best_step"] = p.early_stop.best_step
-            log.info(f"restored the best weights (step {p.early_stop.best_step}, "
-                     f"{p.early_stop.monitor}={p.early_stop.best:.6g})")
-        final.update(self._eval_metrics())
-        if hasattr(task, "final_metrics"):  # e.g. the test set, scored once with the final weights
-            final.update(self._eval_metrics(task.final_metrics))
-        final.update({"wall_time_s": round(wall, 2), "stop_reason": self.stop_reason or "max steps reached"})
+        train_time = self.train_time_now()
+        with self._not_training():
+            self._check_params()
+            metrics = self.last_metrics if self.last_eval_step == self.step else self._evaluate(log)
+            if not self.ckpt_every or self.step % self.ckpt_every:
+                self.save()
+            final = {"step": self.step, "epoch": round(self.step / p.sampler.steps_per_epoch, 4)}
+            if p.early_stop and p.early_stop.restore(p.model):
+                final["restored_best_step"] = p.early_stop.best_step
+                log.info(f"restored the best weights (step {p.early_stop.best_step}, "
+                         f"{p.early_stop.monitor}={p.early_stop.best:.6g})")
+                metrics = self._eval_metrics()
+            final.update(metrics)
+            if hasattr(task, "final_metrics"):  # e.g. the test set, scored once with the final weights
+                final.update(self._eval_metrics(task.final_metrics))
+        final.update({"wall_time_s": round(time.perf_counter() - self._fit_start, 2),
+                      "train_time_s": round(train_time, 3), "stop_reason": self.stop_reason or "max steps reached"})
         final.update({f"skipped_{k}": v for k, v in self.skipped.items() if v and k != "nonfinite_in_a_row"})
+        self._check_final(final)
         if p.dist.is_main:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
             if p.cfg.trainer.pictures and hasattr(task, "save_pictures"):
                 task.save_pictures(p.model, self.run_dir / "pictures")
         return final
+
+    def _check_final(self, final: dict[str, Any]) -> None:
+        """No run ends with a non-finite metric and exit 0: it is an error that says where the trouble began."""
+        bad = {k: v for k, v in final.items() if isinstance(v, float) and not math.isfinite(v)}
+        if not bad:
+            return
+        k, v = next(iter(bad.items()))
+        first = int(self.first_bad_step.item())
+        where = (f"the training loss first went non-finite at step {first}" if first >= 0 else
+                 f"the training loss and the parameters stayed finite through step {self.step}")
+        raise NonFiniteError(f"final metric {k} is {v} ({', '.join(f'{a}={b}' for a, b in bad.items())}); {where}. "
+                             "The run is not reported as finished. Try a lower optimizer.lr or clip=norm.")
+
+    def _check_params(self) -> None:
+        """Every parameter finite after the update just made (one host sync: before checkpoints and at the end)."""
+        if self.step == self.params_checked_at:
+            return
+        finite = torch.stack([torch.isfinite(q).all() for q in self.params]).all()
+        if not bool(finite.item()):
+            last = self.checkpoints.step_files()
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"
+            raise NonFiniteError(
+                f"parameters are not finite after step {self.step} (they were finite at step "
+                f"{self.params_checked_at}): an update diverged; stopped without writing a checkpoint ({where}). "
+                "Try a lower optimizer.lr, clip=norm, or a warmup (schedule=cosine_warmup).")
+        self.params_checked_at = self.step
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _forward_backward(self, indices: torch.Tensor) -> torch.Tensor:
@@ -324,14 +428,36 @@ class Trainer:
             scale = p.scaler.get_scale()
             p.scaler.step(opt, **kwargs)
             p.scaler.update()
-            if p.scaler.get_scale() < scale:
+            new_scale = p.scaler.get_scale()
+            if new_scale < scale:  # the scaler found inf/NaN gradients and skipped the update
                 self.skipped["fp16_overflow"] += 1
-                return None
+                self.fp16_retries += 1
+                if self.fp16_retries <= self.fp16_max_retries and new_scale >= self.fp16_min_scale:
+                    return None
+                retries, self.fp16_retries = self.fp16_retries, 0
+                self._nonfinite_step(f"the gradient stayed non-finite through {retries} fp16 attempts (loss scale "
+                                     f"down to {new_scale:g}; trainer.fp16_max_retries={self.fp16_max_retries}, "
+                                     f"trainer.fp16_min_scale={self.fp16_min_scale:g})")
+                return norms  # parameters untouched; the data moves on
+            self.fp16_retries = 0
+            self.skipped["nonfinite_in_a_row"] = 0
         else:
             opt.step(**kwargs)
         self.loss_sum += step_loss
         self.loss_count += 1
         return norms
+
+    def _nonfinite_step(self, why: str) -> None:
+        """A step given up as non-finite: an error with nonfinite=raise; with skip, counted (max_nonfinite in a row
+        stop the run)."""
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"non-finite step {self.step}: {why}. Try a lower optimizer.lr, clip=norm, amp=bf16 "
+                                 "instead of fp16, or trainer.nonfinite=skip to skip such steps.")
+        self.skipped["nonfinite"] += 1
+        self.skipped["nonfinite_in_a_row"] += 1
+        if self.skipped["nonfinite_in_a_row"] >= self.max_nonfinite:
+            self.stop_reason = (f"{self.max_nonfinite} non-finite steps in a row (last at step {self.step}: {why}); "
+                                "lower the learning rate, add clip=norm, or check the data")
 
     def _finite_or_skip(self, step_loss: torch.Tensor) -> bool:
         """nonfinite=skip: one host sync per step (like fp16's GradScaler) to decide before the optimizer runs."""
@@ -339,11 +465,7 @@ class Trainer:
         if self.p.dist.agree(bool(finite.item())):
             self.skipped["nonfinite_in_a_row"] = 0
             return True
-        self.skipped["nonfinite"] += 1
-        self.skipped["nonfinite_in_a_row"] += 1
-        if self.skipped["nonfinite_in_a_row"] >= self.max_nonfinite:
-            self.stop_reason = (f"{self.max_nonfinite} non-finite steps in a row (last at step {self.step}); "
-                                "lower the learning rate, add clip=norm, or check the data")
+        self._nonfinite_step("the loss or the gradient is not finite")
         return False
 
     def _check_finite(self) -> None:
@@ -362,7 +484,7 @@ class Trainer:
         path = self.save()
         self.p.dist.barrier()
         args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
-        command = " ".join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={self.run_dir}"])
+        command = shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={self.run_dir}"])
         error = Interrupted(f"stopped by {name} at step {self.step}; checkpoint {path or self.run_dir}. "
                             f"Resume with:\n  {command}")
         error.exit_code = 128 + self.signal
@@ -400,25 +522,28 @@ class Trainer:
         p.model.train()
         return metrics
 
-    def _evaluate(self, log: RunLogger) -> None:
+    def _evaluate(self, log: RunLogger) -> dict[str, float]:
         p = self.p
-        metrics = self._eval_metrics()
-        self.last_eval_step = self.step
-        log.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
-        log.info(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if p.cfg.trainer.pictures and log.writer is not None:
-            p.model.eval()
-            with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
-                p.task.pictures(p.model, log.writer, self.step)
-            p.model.train()
-        self._observe(metrics)
-        if p.early_stop:
-            stop = p.dist.agree(p.early_stop.update(metrics, self.step, p.model))  # ranks stop together
-            if p.early_stop.best_step == self.step and p.dist.is_main:
-                self.checkpoints.save_best({"step": self.step, "model": p.model.state_dict(), "metrics": metrics})
-            if stop:
-                self.stop_reason = p.early_stop.reason
-                log.info(self.stop_reason)
+        train_time = self.train_time_now()
+        with self._not_training():
+            metrics = self._eval_metrics()
+            self.last_eval_step, self.last_metrics = self.step, dict(metrics)
+            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()}, "time/train_s": train_time})
+            log.info(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if p.cfg.trainer.pictures and log.writer is not None:
+                p.model.eval()
+                with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+                    p.task.pictures(p.model, log.writer, self.step)
+                p.model.train()
+            self._observe(metrics)
+            if p.early_stop:
+                stop = p.dist.agree(p.early_stop.update(metrics, self.step, p.model))  # ranks stop together
+                if p.early_stop.best_step == self.step and p.dist.is_main:
+                    self.checkpoints.save_best({"step": self.step, "model": p.model.state_dict(), "metrics": metrics})
+                if stop:
+                    self.stop_reason = p.early_stop.reason
+                    log.info(self.stop_reason)
+        return metrics
 
     def _observe(self, metrics: dict[str, float]) -> None:
         """Metric-driven schedules (reduce on plateau) see each evaluation; a changed multiplier takes effect

@@ -17,15 +17,19 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import distributed
 from trainer.checkpoint import CheckpointDir
 from trainer.dry_run import dry_run
-from trainer.errors import UserError
-from trainer.log import NullLogger, RunLogger, print_error
+from trainer.errors import ConfigError, UserError
+from trainer.log import NullLogger, RunLogger, print_error, print_warning
 from trainer.loop import Trainer, build
 from trainer.run_dir import write_run_files
 from trainer.validate import validate
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train as `cfg` says, writing everything into `run_dir`; returns the final metrics."""
+    """Train as `cfg` says, writing everything into `run_dir`; returns the final metrics.
+
+    A run directory belongs to one run: a resume continues the run whose checkpoint it loads (in its own directory
+    or, from another run's checkpoint, in a fresh one), and a fresh start into a directory that holds another run
+    is refused (trainer.existing_run=move_aside moves that run into previous_run_<n>/ first, and says so)."""
     run_dir = Path(run_dir)
     resume = cfg.trainer.resume
     if resume == "auto":
@@ -33,10 +37,29 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         resume, run_dir = (found, found) if found else (None, run_dir)
     parts = build(cfg)
     try:
-        if parts.dist.is_main:
-            write_run_files(run_dir, cfg, overrides or [], parts.device)
+        continuing = resume is not None and _within(Path(resume), run_dir)
+        if parts.dist.agree(parts.dist.is_main and not continuing and holds_run(run_dir)):
+            if cfg.trainer.get("existing_run", "refuse") != "move_aside":
+                raise ConfigError(
+                    f"hydra.run.dir={run_dir} already holds a run ({_describe(run_dir)}); a fresh run there would mix "
+                    f"with it. Continue it with trainer.resume={run_dir} (or trainer.resume=auto), pick another "
+                    "hydra.run.dir, or add trainer.existing_run=move_aside to move the old run into "
+                    f"{run_dir / 'previous_run_<n>'} first.")
+            if parts.dist.is_main:
+                moved = move_aside(run_dir)
+                print_warning(f"hydra.run.dir={run_dir} held another run: moved the run that was there to {moved}")
         trainer = Trainer(parts, run_dir)
-        resumed_from = trainer.resume(resume) if resume else None
+        resumed = trainer.resume(resume) if resume else None
+        if parts.dist.is_main:
+            if continuing:
+                trainer.checkpoints.clear_debris()
+                superseded = trainer.checkpoints.set_aside_after(trainer.step)
+                if superseded:
+                    print_warning(f"resumed from step {trainer.step}: the newer checkpoints "
+                                  f"{', '.join(p.name for p in superseded)} no longer belong to this run's future; "
+                                  f"moved to {trainer.checkpoints.root / 'superseded'}")
+            trainer.run_id = write_run_files(run_dir, cfg, overrides or [], parts.device, resumed=resumed,
+                                             continuing=continuing)
         log = (RunLogger(run_dir, trainer.total_steps, progress=cfg.trainer.progress, start_step=trainer.step)
                if parts.dist.is_main else NullLogger())
         try:
@@ -44,7 +67,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             log.info(f"run dir {run_dir} | device {parts.device} | {n_params:,} parameters | "
                      f"{trainer.total_steps} steps ({parts.sampler.steps_per_epoch} per epoch)"
                      + (f" | {parts.dist.world} ranks" if parts.dist.enabled else "")
-                     + (f" | resumed from {resumed_from} at step {trainer.step}" if resumed_from else ""))
+                     + (f" | resumed from {resumed['checkpoint']} at step {trainer.step}" if resumed else ""))
+            if resumed and resumed["changes"]:
+                log.info("changed on resume: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                            resumed["changes"].items()))
             with stop_on_signals(trainer):
                 final = trainer.fit(log)
             log.final_table(final)
@@ -53,6 +79,38 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     finally:
         distributed.teardown()
     return final
+
+
+def _within(path: Path, run_dir: Path) -> bool:
+    """Is `path` (a checkpoint, a checkpoints folder, or a run directory) part of `run_dir`?"""
+    p, d = path.expanduser().resolve(), run_dir.resolve()
+    return p == d or d in p.parents
+
+
+def holds_run(run_dir: Path) -> bool:
+    """A run lives here: it wrote a checkpoint or finished. (A process killed before its first checkpoint leaves
+    only logs, which the next run in the directory replaces.)"""
+    return bool(CheckpointDir(run_dir / "checkpoints").step_files()) or (run_dir / "final_metrics.json").is_file()
+
+
+def _describe(run_dir: Path) -> str:
+    steps = CheckpointDir(run_dir / "checkpoints").step_files()
+    what = f"checkpoints up to {steps[-1].name}" if steps else "no checkpoint"
+    return what + (", finished" if (run_dir / "final_metrics.json").is_file() else "")
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Move what a run left in `run_dir` into `run_dir/previous_run_<n>/` (Hydra's own files for this invocation
+    stay)."""
+    n = 1
+    while (run_dir / f"previous_run_{n}").exists():
+        n += 1
+    dest = run_dir / f"previous_run_{n}"
+    dest.mkdir()
+    for p in run_dir.iterdir():
+        if p != dest and not p.name.startswith("previous_run_") and p.name != ".hydra" and p.suffix != ".log":
+            shutil.move(str(p), dest / p.name)
+    return dest
 
 
 @contextlib.contextmanager
@@ -87,12 +145,20 @@ def _fingerprint(cfg: DictConfig | dict) -> dict:
 
 
 def find_run_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """trainer.resume=auto: the newest sibling run directory with the same config and a checkpoint. When one is
-    found, the fresh directory Hydra just made for this invocation is removed (if it holds only Hydra's files)."""
+    """trainer.resume=auto: this run directory itself if it holds a run of the same config, else the newest sibling
+    run directory with the same config and a checkpoint. When a sibling is found, the fresh directory Hydra just made
+    for this invocation is removed (if it holds only Hydra's files)."""
     want = _fingerprint(cfg)
-    siblings = [d for d in run_dir.parent.glob("*") if d.is_dir() and d != run_dir and (d / "config.yaml").is_file()]
+
+    def same_run(d: Path) -> bool:
+        return (d / "config.yaml").is_file() and bool(CheckpointDir(d / "checkpoints").step_files()) and \
+            _fingerprint(OmegaConf.load(d / "config.yaml")) == want
+
+    if run_dir.is_dir() and same_run(run_dir):
+        return run_dir
+    siblings = [d for d in run_dir.parent.glob("*") if d.is_dir() and not d.is_symlink() and d != run_dir]
     for d in sorted(siblings, key=lambda d: d.stat().st_mtime, reverse=True):
-        if CheckpointDir(d / "checkpoints").step_files() and _fingerprint(OmegaConf.load(d / "config.yaml")) == want:
+        if same_run(d):
             if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
                 shutil.rmtree(run_dir, ignore_errors=True)
             return d

@@ -1,11 +1,20 @@
-"""What every run directory records about itself: resolved config, overrides, and a manifest."""
+"""What every run directory records about itself: resolved config, overrides, and a manifest.
+
+The manifest says who the run is, not only where it lies: a `run_id` (also written into every checkpoint), where it
+started (`start`: step 0, or the exact checkpoint it was resumed from, by sha256, with a kept copy) and every later
+resume (`resumes`: step, checkpoint, sha256, the config changes applied). Replay reads it to start from the same
+bytes the original did.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
+import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,9 +38,16 @@ def _git_state(repo: Path) -> dict[str, Any]:
     return {"commit": commit or None, "dirty": dirty if commit else None}
 
 
-def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device: torch.device) -> None:
-    """config.yaml (fully resolved), overrides.yaml, manifest.json."""
+def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device: torch.device,
+                    resumed: dict[str, Any] | None = None, continuing: bool = False) -> str:
+    """config.yaml (fully resolved), overrides.yaml, manifest.json; returns the run's id.
+
+    `resumed`: what Trainer.resume returned; `continuing`: the checkpoint lies in this run directory (the same run
+    goes on), as opposed to a new run started from another run's checkpoint."""
+    from trainer.checkpoint import keep_copy
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_manifest(run_dir) if continuing else {}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     versions = {}
@@ -40,7 +56,25 @@ def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    run_id = previous.get("run_id") or uuid.uuid4().hex
+    start = previous.get("start") or {"step": 0}
+    resumes = list(previous.get("resumes", []))
+    if resumed:
+        ckpt = Path(resumed["checkpoint"])
+        entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": resumed["step"], "checkpoint": str(ckpt),
+                 "sha256": resumed["sha256"], "changes": resumed["changes"]}
+        kept = run_dir / "checkpoints" / "resume-source.pt"  # the latest resume's source, safe from pruning
+        if ckpt.resolve() != kept.resolve():
+            keep_copy(ckpt, kept)
+        entry["copy"] = os.path.relpath(kept, run_dir)
+        if not continuing:  # a new run that starts from another run's checkpoint
+            start_copy = run_dir / "checkpoints" / "start.pt"
+            keep_copy(kept, start_copy)
+            start = {k: entry[k] for k in ("step", "checkpoint", "sha256")}
+            start.update(copy=os.path.relpath(start_copy, run_dir), run_id=resumed.get("run_id"))
+        resumes.append(entry)
     manifest = {
+        "run_id": run_id,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "overrides": list(overrides),
         "seed": cfg.trainer.seed,
@@ -49,5 +83,17 @@ def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device
         "python": platform.python_version(),
         "packages": versions,
         "git": _git_state(Path(__file__).resolve().parent.parent),
+        "start": start,
+        "resumes": resumes,
     }
+    if previous.get("command") and previous.get("command") != manifest["command"]:
+        manifest["first_command"] = previous.get("first_command", previous["command"])
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return run_id
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

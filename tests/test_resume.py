@@ -1,0 +1,177 @@
+"""A run directory belongs to one run, and a resume is checked against the run it continues (issue 11, items 3, 5,
+6, 9): the checkpoint's stored config is compared with the resuming one, legitimate changes are applied (the
+schedule included) and recorded, changes that break exactness are refused, and early stopping's decision survives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+
+from tests.test_loop import line_cfg
+from trainer.checkpoint import load_checkpoint
+from trainer.errors import ConfigError, UserError
+from trainer.loop import Interrupted, Trainer
+from trainer.run import run
+
+
+def toy(*overrides, **task):
+    cfg = line_cfg("trainer.eval_interval=0", *overrides)
+    cfg.early_stop = {}  # early_stop=off
+    cfg.task.update(task)
+    return cfg
+
+
+def rows(run_dir):
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged(run_dir, key="train/loss"):
+    return {r["step"]: r[key] for r in rows(run_dir) if key in r}
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """SIGTERM arrives while step `step` runs (as trainer.run.stop_on_signals would record it)."""
+    original = Trainer._forward_backward
+
+    def forward_backward(self, indices):
+        if self.step == step - 1:
+            self.signal = signal.SIGTERM
+        return original(self, indices)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", forward_backward)
+
+
+# -- item 3: a reused run directory -------------------------------------------------------------------------------
+def test_resume_auto_in_its_own_directory_continues_instead_of_restarting(tmp_path, monkeypatch):
+    cfg = toy("trainer.max_steps=8", "trainer.checkpoint_interval=2", "trainer.resume=auto")
+    run_dir = tmp_path / "runs" / "x"  # alone in its parent: resume=auto has no sibling to pick instead
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        with pytest.raises(Interrupted):
+            run(cfg, run_dir)
+    final = run(cfg, run_dir)  # the same command again
+    assert final["step"] == 8
+    steps = [r["step"] for r in rows(run_dir) if "train/loss" in r]
+    assert steps == list(range(1, 9))  # continued from step 5, each step logged once
+    straight = run(toy("trainer.max_steps=8", "trainer.checkpoint_interval=2"), tmp_path / "straight")
+    assert final["distance"] == straight["distance"]
+
+
+def test_a_fresh_run_into_a_directory_holding_another_run_is_refused(tmp_path):
+    run(toy("trainer.max_steps=8"), tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run") as e:
+        run(toy("trainer.max_steps=4"), tmp_path)
+    assert "trainer.resume=" in str(e.value) and "hydra.run.dir" in str(e.value)
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing mixed in
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_move_aside_keeps_the_old_run_and_starts_clean(tmp_path, capsys):
+    run(toy("trainer.max_steps=8"), tmp_path)
+    final = run(toy("trainer.max_steps=4", "trainer.existing_run=move_aside"), tmp_path)
+    assert final["step"] == 4
+    assert sorted(logged(tmp_path)) == [1, 2, 3, 4]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-00000004.pt"]
+    old = tmp_path / "previous_run_1"
+    assert sorted(logged(old)) == list(range(1, 9))
+    assert load_checkpoint(old / "checkpoints" / "last.pt")["step"] == 8
+    assert "moved the run that was there to" in capsys.readouterr().err
+
+
+# -- item 5: resume compares configs ---------------------------------------------------------------------------
+def test_legitimate_changes_apply_on_resume_schedule_included(tmp_path):
+    """lr and max_steps changed on resume: from the resumed step on, the LR is exactly what a run started with the
+    new settings uses at that step (new base LR, new horizon), never the old schedule's."""
+    common = ("schedule=cosine", "trainer.checkpoint_interval=2", "trainer.keep_checkpoints=0")
+    run(toy(*common, "trainer.max_steps=4"), tmp_path / "a")
+    run(toy(*common, "trainer.max_steps=8", "optimizer.lr=1e-3", f"trainer.resume={tmp_path / 'a'}"), tmp_path / "b")
+    run(toy(*common, "trainer.max_steps=8", "optimizer.lr=1e-3"), tmp_path / "ref")
+    lr_b, lr_ref = logged(tmp_path / "b", "train/lr"), logged(tmp_path / "ref", "train/lr")
+    assert sorted(lr_b) == [5, 6, 7, 8]
+    assert {s: lr_ref[s] for s in lr_b} == lr_b
+    assert lr_b[5] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # step index 4 of 8
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    changes = manifest["resumes"][-1]["changes"]
+    assert changes["optimizer.lr"] == [0.05, 1e-3] and changes["trainer.max_steps"] == [4, 8]
+    assert manifest["resumes"][-1]["step"] == 4
+
+
+def test_a_change_that_breaks_exactness_is_refused_naming_the_keys(tmp_path):
+    run(toy("trainer.max_steps=4"), tmp_path / "a")
+    before = sorted(p.name for p in (tmp_path / "a").rglob("*"))
+    with pytest.raises(ConfigError) as e:
+        run(toy("trainer.max_steps=8", "trainer.seed=3", f"trainer.resume={tmp_path / 'a'}", target=12.0),
+            tmp_path / "b")
+    message = str(e.value)
+    assert "trainer.seed: 0 -> 3" in message and "task.target: 10.0 -> 12.0" in message
+    assert "trainer.max_steps" not in message  # a legitimate change is not listed as a problem
+    assert "trainer.resume_allow_changes=true" in message
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == before
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_an_optimizer_of_another_type_is_a_clear_error_and_can_be_accepted(tmp_path, capsys):
+    run(toy("trainer.max_steps=4", "optimizer=adamw"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="optimizer._target_"):
+        run(toy("trainer.max_steps=8", "optimizer=momentum", f"trainer.resume={tmp_path / 'a'}"), tmp_path / "b")
+    final = run(toy("trainer.max_steps=8", "optimizer=momentum", f"trainer.resume={tmp_path / 'a'}",
+                    "trainer.resume_allow_changes=true"), tmp_path / "c")
+    assert final["step"] == 8
+    assert "fresh optimizer state" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_task_is_a_clear_error(tmp_path):
+    run(toy("trainer.max_steps=4"), tmp_path / "a")
+    cfg = toy("trainer.max_steps=8", f"trainer.resume={tmp_path / 'a'}")
+    cfg.task._target_ = "tests.toy.ShiftedLineTask"
+    with pytest.raises(UserError, match="another task") as e:
+        run(cfg, tmp_path / "b")
+    assert "tests.toy.LineTask" in str(e.value) and "tests.toy.ShiftedLineTask" in str(e.value)
+
+
+# -- item 6: early stopping survives resume --------------------------------------------------------------------
+def test_an_early_stopped_run_resumed_stays_stopped(tmp_path):
+    first = run(line_cfg(), tmp_path / "a")  # stops at step 5 (see test_loop)
+    assert first["step"] == 5 and "has not improved" in first["stop_reason"]
+    again = run(line_cfg(f"trainer.resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert again["step"] == 5 and again["stop_reason"] == first["stop_reason"]
+    assert again["distance"] == first["distance"] and again["restored_best_step"] == 3
+
+
+# -- item 9: the final evaluation runs once; samples/s and train time leave evaluation out ---------------------
+def test_the_final_evaluation_runs_once(tmp_path, monkeypatch):
+    from tests.toy import LineTask
+
+    calls = []
+    original = LineTask.evaluate
+    monkeypatch.setattr(LineTask, "evaluate", lambda self, model: calls.append(1) or original(self, model))
+    run(toy("trainer.max_steps=8", "trainer.eval_interval=4"), tmp_path)
+    assert len(calls) == 2  # steps 4 and 8; the final metrics reuse step 8's
+
+
+def test_training_time_and_samples_per_second_exclude_evaluation(tmp_path, monkeypatch):
+    import time
+
+    from tests.toy import LineTask
+
+    original = LineTask.evaluate
+
+    def slow_evaluate(self, model):
+        time.sleep(0.25)
+        return original(self, model)
+
+    monkeypatch.setattr(LineTask, "evaluate", slow_evaluate)
+    final = run(toy("trainer.max_steps=40", "trainer.eval_interval=4", "trainer.log_interval=4"), tmp_path)
+    assert final["wall_time_s"] >= 2.5  # ten evaluations of 0.25 s
+    assert final["train_time_s"] < 1.0
+    evals = [r for r in rows(tmp_path) if "eval/distance" in r]
+    assert [r["step"] for r in evals] == list(range(4, 41, 4))
+    assert all(a["time/train_s"] <= b["time/train_s"] for a, b in zip(evals, evals[1:]))
+    assert evals[-1]["time/train_s"] <= final["train_time_s"]
+    # 4 steps x 4 samples per interval: with evaluation left out, far above the 16 / 0.25 s it would read
+    assert min(logged(tmp_path, "train/samples_per_s").values()) > 16 / 0.25
