@@ -1,46 +1,84 @@
-"""What the trainer needs from a task.
+"""The task protocol: what a task provides, and what the trainer owns.
 
-A task owns its data (kept on the device for small data sets), builds its model, and turns a batch into
-per-sample losses. The trainer owns everything else: sampling, precision, accumulation, the optimizer.
+A task provides the data, the model, a per-sample loss and evaluation metrics. The trainer owns everything else:
+which samples each step sees (a pure function of seed and step, trainer/sampler.py), batching and loading,
+device placement, precision, gradient accumulation, DDP, the optimizer, the schedule, gradient transforms, logging,
+checkpoints and resume.
+
+Training data comes one of two ways (provide exactly one):
+
+- `train_dataset()` returns a map-style `torch.utils.data.Dataset` (`__getitem__` and `__len__`). The trainer loads
+  it with a DataLoader (`data.workers`, `data.pin_memory`, `data.prefetch`, `data.persistent_workers`), collates
+  samples with `default_collate` (or the task's `collate(samples)`), moves the batch to the device and hands it to
+  `loss`. Random transforms inside `__getitem__` are seeded per sample from (seed, step, position in the batch),
+  so resume is exact and results do not depend on the number of workers.
+- `train_batch(indices)` builds the batch for a tensor of sample indices from data the task already holds on the
+  device (the fast path of the small built-in tasks; `train_size` must then be given).
+
+Optional: `final_metrics(model)` (metrics computed once at the end, e.g. a test split), `pictures(model, writer,
+step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (files at the end), `sampling =
+"random"` (independent batches with replacement instead of shuffled epochs).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
+
+if TYPE_CHECKING:
+    from trainer.batches import DataLoading
 
 
 class Task(abc.ABC):
-    batch_size: int
+    """Subclass it, give `__init__` the config keys (conf/task/<name>.yaml's `task:` node is passed as keyword
+    arguments, `_target_` naming the class) and implement the abstract methods."""
+
+    batch_size: int  # the global batch size (per optimizer step, over all DDP ranks and micro-batches)
+    sampling: str = "epoch"  # "epoch": shuffled epochs; "random": independent uniform draws per step
+    # Set by the trainer before setup(): how map-style data sets are loaded in this run (data.*). Use
+    # `self.loading.ordered(dataset, batch_size)` to iterate an evaluation split in batches on the device.
+    loading: DataLoading | None = None
 
     @abc.abstractmethod
     def setup(self, device: torch.device) -> None:
-        """Load the data onto `device`. Raise DataNotFoundError when it is missing."""
+        """Load or index the data (called once, before build_model). Raise trainer.errors.DataNotFoundError with the
+        config key and the fix when data are missing."""
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        """A fresh model (the trainer seeds the RNG first and moves it to the device)."""
+        """A fresh model. The trainer seeds the RNGs first (so the initialisation is repeatable) and moves it to the
+        device."""
+
+    def train_dataset(self) -> Dataset | None:
+        """The training split as a map-style Dataset, for the trainer's DataLoader path (None: use train_batch)."""
+        return None
+
+    def train_batch(self, indices: torch.Tensor) -> Any:
+        """The training batch for these sample indices (a device tensor), on the device: the on-device path."""
+        raise NotImplementedError(f"{type(self).__name__} provides neither train_dataset() nor train_batch(indices)")
 
     @property
-    @abc.abstractmethod
     def train_size(self) -> int:
         """Number of training samples; the sampler draws indices in [0, train_size)."""
-
-    @abc.abstractmethod
-    def train_batch(self, indices: torch.Tensor) -> Any:
-        """The training batch for these sample indices, on the device."""
+        dataset = self.train_dataset()
+        if dataset is None:
+            raise NotImplementedError(f"{type(self).__name__}.train_batch needs a train_size property")
+        return len(dataset)
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Per-sample training losses, shape [batch]. The trainer reduces them."""
+        """Per-sample training losses, shape [batch] (the trainer reduces them: regularize.loss_reduction). Called
+        under autocast; `model` may be wrapped (DDP, torch.compile)."""
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Evaluation metrics, called with the model in eval mode and gradients off."""
+        """Evaluation metrics by name (`monitor.metric` names one of them), called with the model in eval mode,
+        gradients off and a fixed RNG seed. Return Python floats."""
 
     def pictures(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:  # noqa: B027 (optional)
         """Write images or figures to TensorBoard at evaluation time (optional)."""

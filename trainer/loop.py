@@ -34,6 +34,7 @@ from regularize.weight_decay import CoupledWeightDecay, coupled_weight_decay
 from schedules import Horizon, build_scheduler
 from tasks.base import Task
 from trainer import distributed, resume
+from trainer.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
 from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
 from trainer.device import resolve_device
 from trainer.early_stop import EarlyStopping
@@ -74,6 +75,7 @@ class Parts:
     early_stop: EarlyStopping | None
     coupled_wd: CoupledWeightDecay | None
     dist: distributed.Dist
+    batches: DeviceBatches | LoaderBatches  # batches(step): this rank's micro-batches of step `step`
 
 
 def build(cfg: DictConfig) -> Parts:
@@ -95,6 +97,7 @@ def build(cfg: DictConfig) -> Parts:
 
     seed_everything(t.seed)
     task: Task = _build(cfg.task, "task")
+    task.loading = DataLoading.from_config(cfg.get("data"), device, warn=dist.is_main)
     task.setup(device)
     seed_everything(t.seed)  # the model's init does not depend on what data loading drew
     model = task.build_model().to(device)
@@ -105,7 +108,8 @@ def build(cfg: DictConfig) -> Parts:
         coupled_wd = coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    sampler = SAMPLERS[getattr(task, "sampling", "epoch")](task.train_size, task.batch_size, t.seed, device)
+    sampler = SAMPLERS[getattr(task, "sampling", "epoch")](task.train_size, task.batch_size, t.seed,
+                                                            sampler_device(task, device))
     if t.max_steps is None and t.max_epochs is None:
         raise ConfigError("set trainer.max_steps or trainer.max_epochs (both are null)")
     total = t.max_steps if t.max_steps is not None else t.max_epochs * sampler.steps_per_epoch
@@ -116,10 +120,11 @@ def build(cfg: DictConfig) -> Parts:
     if task.batch_size % (dist.world * t.grad_accum):
         raise ConfigError(f"task.batch_size={task.batch_size} must divide into {dist.world} ranks x "
                           f"trainer.grad_accum={t.grad_accum} equal micro-batches")
+    batches = make_batches(task, sampler, dist, t.grad_accum, t.seed, horizon.total_steps)
     if dist.enabled:  # per-rank streams for dropout and augmentation (the initial weights are rank 0's)
         seed_everything(t.seed + dist.rank)
     return Parts(cfg, device, task, model, optimizer, scheduler, transforms, sampler, horizon, autocast, scaler,
-                 early_stop, coupled_wd, dist)
+                 early_stop, coupled_wd, dist, batches)
 
 
 class Interrupted(UserError):
@@ -296,7 +301,7 @@ class Trainer:
         self.train_model.train()
         while self.step < self.total_steps and not self.stop_reason:
             logging_now = (self.step + 1) % self.log_every == 0
-            step_loss = self._forward_backward(p.sampler.indices(self.step))
+            step_loss = self._forward_backward(self.step)
             if logging_now:
                 lrs = [g["lr"] for g in opt.param_groups]
             norms = self._update(step_loss, logging_now)
@@ -381,22 +386,19 @@ class Trainer:
         self.params_checked_at = self.step
 
     # -- one optimizer step -------------------------------------------------------------------------------
-    def _forward_backward(self, indices: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over grad_accum micro-batches of this rank's share of the global batch; returns
-        the step's mean loss (a device tensor). The loss is normalised by the rank's whole share, so the
+    def _forward_backward(self, step: int) -> torch.Tensor:
+        """Forward and backward over grad_accum micro-batches of this rank's share of step `step`'s global batch;
+        returns the step's mean loss (a device tensor). The loss is normalised by the rank's whole share, so the
         accumulated gradient equals the large batch's."""
         p = self.p
         model, task = self.train_model, p.task
-        indices = p.dist.shard(indices)
-        share = len(indices)
-        micro = share // self.grad_accum
+        share = task.batch_size // p.dist.world
         step_loss = 0.0
-        for m in range(self.grad_accum):
+        for m, batch in enumerate(p.batches(step)):
             last = m == self.grad_accum - 1
             # DDP: all-reduce gradients once, on the last micro-batch
             sync = contextlib.nullcontext() if last or not p.dist.enabled else model.no_sync()
             with sync:
-                batch = task.train_batch(indices[m * micro : (m + 1) * micro])
                 with p.autocast:
                     loss = self.reduce(task.loss(model, batch), share)
                 (p.scaler.scale(loss) if p.scaler else loss).backward()

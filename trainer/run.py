@@ -77,6 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         finally:
             log.close()
     finally:
+        parts.batches.close()  # DataLoader workers end with the run
         distributed.teardown()
     return final
 
