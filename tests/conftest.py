@@ -44,3 +44,30 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory) -> Path:
+    """A tiny ImageFolder written from MNIST: train/<digit>/<n>.png, 300 training digits (30 per class), and
+    test/<digit>/<n>.png, 50 test digits (5 per class). One per test session."""
+    root = data_root()
+    if root is None:
+        if os.environ.get("CI"):
+            pytest.fail("KILN_DATA_ROOT does not point at a folder holding MNIST/raw/ (see .ci/run)")
+        pytest.skip("MNIST not found: set KILN_DATA_ROOT to the folder holding MNIST/raw/")
+    from PIL import Image
+    from torchvision.datasets import MNIST
+
+    out = tmp_path_factory.mktemp("digits")
+    for split, train, per_class in (("train", True, 30), ("test", False, 5)):
+        data = MNIST(str(root), train=train, download=False)
+        written = dict.fromkeys(range(10), 0)
+        for i, (image, label) in enumerate(zip(data.data, data.targets.tolist())):
+            if written[label] < per_class:
+                folder = out / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image.numpy(), mode="L").save(folder / f"{i:05d}.png")
+                written[label] += 1
+            if all(n == per_class for n in written.values()):
+                break
+    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,13 +167,16 @@ class DataLoading:
     def loader(self, dataset: Dataset, batch_sampler: Any, collate: Callable | None = None) -> DataLoader:
         """A DataLoader over `dataset` whose batch sampler yields lists of (index, seed) keys."""
         workers = self.workers
-        loader = DataLoader(
-            SeededSamples(dataset), batch_sampler=batch_sampler, num_workers=workers, collate_fn=_Collate(collate),
-            pin_memory=self.pin_memory, prefetch_factor=self.prefetch if workers else None,
-            persistent_workers=self.persistent_workers and workers > 0,
-            worker_init_fn=_quiet_worker if workers else None,
-            generator=torch.Generator(),  # the loader's base seed is drawn from here, not from the global RNG
-        )
+        with warnings.catch_warnings():  # torch's "excessive worker creation" warning: from_config's names the key
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            loader = DataLoader(
+                SeededSamples(dataset), batch_sampler=batch_sampler, num_workers=workers,
+                collate_fn=_Collate(collate), pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch if workers else None,
+                persistent_workers=self.persistent_workers and workers > 0,
+                worker_init_fn=_quiet_worker if workers else None,
+                generator=torch.Generator(),  # the loader's base seed is drawn from here, not from the global RNG
+            )
         self._loaders.append(loader)
         return loader
 

@@ -197,6 +197,10 @@ RULES: list[tuple[str, Spec]] = [
     # data, monitor (closed)
     ("data.root", text()),
     ("data.download", Spec(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")),
+    ("data.workers", NONNEG_INT),
+    ("data.pin_memory", Spec(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")),
+    ("data.prefetch", POS_INT),
+    ("data.persistent_workers", boolean()),
     ("monitor.metric", text()),
     ("monitor.mode", one_of("min", "max")),
     # expect (closed): a recipe's declared result, checked by `python -m experiments.check_recipes`

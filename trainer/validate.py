@@ -137,6 +137,8 @@ def _check_structure(cfg: DictConfig, p: Problems) -> None:
             _check_node(node, group, p)
         elif isinstance(node, DictConfig) and len(node) == 0 and group == "early_stop":
             continue  # early_stop=off
+        elif node is None and group == "norm":
+            continue  # norm=model: every model keeps its own normalization
         else:
             p.add(group, f"{group}={fmt(_raw(cfg, group))}: expected a config node with a _target_ "
                          f"(pick an option: {group}=<name>, see conf/{group}/)")
