@@ -26,10 +26,11 @@ test: install             ## the test suite (needs the data root: KILN_DATA_ROOT
 lint: install
 	$(BIN)/ruff check .
 
-bench: install            ## figures, not tests: trainer overhead, optimizer step time/state, char-GPT speed
+bench: install            ## figures, not tests: trainer overhead, optimizer step time/state, char-GPT speed, data paths
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/optimizers.py --threads 1
 	$(BIN)/python bench/char_transformer.py
+	$(BIN)/python bench/data_path.py
 
 check-recipes: install   ## every recipe's short version against its declared result (ARGS=--full: the real runs)
 	$(BIN)/python -m experiments.check_recipes $(ARGS)

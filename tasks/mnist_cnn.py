@@ -27,17 +27,17 @@ MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, as in pytorch/examples
 
 class CNN(nn.Module):
     def __init__(self, norm: NormFactory | None = None, dropout: float = 0.25, channels: tuple[int, int] = (32, 64),
-                 hidden: int = 128) -> None:
+                 hidden: int = 128, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
         norm = norm or (lambda n, spatial=False: norm_layer(n, "none", spatial=spatial))
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3), norm(c1, spatial=True), nn.ReLU(),
+            nn.Conv2d(in_channels, c1, 3), norm(c1, spatial=True), nn.ReLU(),
             nn.Conv2d(c1, c2, 3), norm(c2, spatial=True), nn.ReLU(),
             nn.MaxPool2d(2), nn.Dropout(dropout), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(c2 * 12 * 12, hidden), norm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10),
+            nn.Linear(c2 * 12 * 12, hidden), norm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ def test_every_option_trains_five_steps_through_the_cli(group, mnist_root, tmp_p
         assert (tmp_path / str(i) / "final_metrics.json").is_file(), (option, summary.get(str(i)))
         final = json.loads((tmp_path / str(i) / "final_metrics.json").read_text())
         assert final["step"] == 5, option
-        metric = {"char_transformer": "val_loss", "mnist_cnn": "val_acc"}.get(option, "test_loss")
+        metric = {"char_transformer": "val_loss", "mnist_cnn": "val_acc", "image_classification": "val_acc"}.get(
+            option, "test_loss")
         assert math.isfinite(final[metric]), option
         assert f"{group}={option}" in (tmp_path / str(i) / "overrides.yaml").read_text()
 

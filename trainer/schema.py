@@ -302,6 +302,10 @@ RULES: list[tuple[str, Spec]] = [
     ("task.download", one_of("auto", True, False)),
     ("task.data_root", text()),
     ("task.text_path", text()),
+    ("task.val_fraction", num(0, 1, lo_open=True, hi_open=True)),  # image_classification
+    ("task.num_classes", num(2, integer=True, nullable=True)),
+    ("task.image_size", num(1, integer=True, nullable=True)),
+    ("task.bad_images", one_of("error", "skip")),
 ]
 
 # Groups with no `_target_`: every key must be one of these (from RULES).
