@@ -37,7 +37,8 @@ class CNN(nn.Module):
             nn.MaxPool2d(2), nn.Dropout(dropout), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(c2 * 12 * 12, hidden), norm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+            nn.Linear(c2 * 12 * 12, hidden), norm(hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

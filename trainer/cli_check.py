@@ -36,7 +36,9 @@ def unknown_keys(args: list[str]) -> list[str]:
             plain.append(o)
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("train", overrides=[p for p in picks if not p.startswith("hydra")])
+            # hydra.searchpath stays: a task kept in the user's own package is composed too
+            cfg = compose("train", overrides=[p for p in picks if not p.startswith("hydra")
+                                              or p.startswith("hydra.searchpath=")])
     except HydraException:
         return []  # an unknown option and the like: Hydra reports it with the list of choices
     problems = []
