@@ -170,7 +170,8 @@ class ImageClassification(Task):
         folder = "ImageFolder" in str(target)
         layout = (" ImageFolder wants one sub-folder per class, holding that class's images: "
                   "<root>/<class name>/<image>.png (or .jpg ...).") if folder else ""
-        if root is not None and not Path(str(root)).expanduser().exists():
+        downloads = bool(overrides.get("download", self.dataset_cfg.get("download", False)))
+        if root is not None and not downloads and not Path(str(root)).expanduser().exists():
             raise DataNotFoundError(f"{root_key}={root}: no such folder. Point {root_key} at the folder that holds "
                                     f"the data set.{layout}")
         try:
@@ -379,7 +380,7 @@ class ImageClassification(Task):
         pred = logits_of(model(self.normalize(images.to(self.device)))).argmax(1).cpu()
         cols = min(8, n)
         rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.1 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, image, (_, label), p in zip(axes.flat, images, samples, pred.tolist()):

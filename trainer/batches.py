@@ -21,6 +21,7 @@ Seeds are derived with numpy's SeedSequence (well-mixed 64-bit words from (seed,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -114,6 +115,20 @@ def _quiet_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _no_worker_count_warning() -> Iterator[None]:
+    """torch warns about "excessive worker creation" when a loader is made and started; DataLoading.from_config's
+    warning names the key instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        yield
+
+
+def start(loader: DataLoader) -> Iterator[Any]:
+    with _no_worker_count_warning():
+        return iter(loader)
+
+
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Tensors anywhere in tuples, lists and dicts moved to `device` (asynchronously from pinned memory)."""
     if isinstance(batch, torch.Tensor):
@@ -167,8 +182,7 @@ class DataLoading:
     def loader(self, dataset: Dataset, batch_sampler: Any, collate: Callable | None = None) -> DataLoader:
         """A DataLoader over `dataset` whose batch sampler yields lists of (index, seed) keys."""
         workers = self.workers
-        with warnings.catch_warnings():  # torch's "excessive worker creation" warning: from_config's names the key
-            warnings.filterwarnings("ignore", message="This DataLoader will create")
+        with _no_worker_count_warning():
             loader = DataLoader(
                 SeededSamples(dataset), batch_sampler=batch_sampler, num_workers=workers,
                 collate_fn=_Collate(collate), pin_memory=self.pin_memory,
@@ -227,7 +241,7 @@ class OrderedBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
+        for batch in start(self.loader):
             yield self.loading.receive(batch)
 
 
@@ -283,7 +297,7 @@ class LoaderBatches:
     def __call__(self, step: int) -> Iterator[Any]:
         if step != self._next_step or self._iterator is None:
             self.batch_sampler.start = step
-            self._iterator = iter(self.loader)
+            self._iterator = start(self.loader)
         self._next_step = -1  # until every micro-batch of this step has been taken
         for _ in range(self.grad_accum):
             yield self.loading.receive(next(self._iterator))
