@@ -175,3 +175,18 @@ def test_an_image_that_fails_to_decode_stops_the_run_or_is_skipped(digit_folder,
     parts.batches.close()
     assert parts.task.skipped_images == 2
     assert len(parts.task.train_set) + len(parts.task.val_set) == 300 + 1 - 2
+
+
+def test_bad_values_are_reported_together_before_any_data_loads():
+    from tests.conftest import compose_cfg
+    from trainer.validate import problems
+
+    lines = problems(compose_cfg("task=image_classification", "task.val_fraction=1.5", "task.num_classes=1",
+                                 "task.bad_images=ignore", "+task.dataset.roott=/x", "data.workers=-1",
+                                 "data.pin_memory=maybe"))
+    assert lines == ["task.dataset.roott='/x': unknown key for torchvision.datasets.MNIST; did you mean 'root'?",
+                     "task.val_fraction=1.5: must be a number in (0, 1)",
+                     "task.num_classes=1: must be null or an int >= 2",
+                     "task.bad_images='ignore': must be one of error, skip",
+                     "data.workers=-1: must be an int >= 0",
+                     "data.pin_memory='maybe': must be auto, true or false"]
