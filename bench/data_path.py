@@ -10,8 +10,10 @@ The same CNN (tasks/mnist_cnn.py: no norm, no dropout, no augmentation), batch 1
 
 Each configuration runs --steps steps, --repeats times, interleaved (device, w0, w1, w2, device, ...) so that a
 change in the machine's load hits all of them alike. Samples/s is the median over the logged blocks after the
-first (worker start-up and warm-up left out) of trainer's train/samples_per_s (training time only). The machine's
-load (os.getloadavg) is printed before and after: on a shared machine, compare the ratios, not the absolute figures.
+first (worker start-up and warm-up left out) of trainer's train/samples_per_s (training time only). A second table
+times the batch source alone (`parts.batches(step)` for --steps steps, no model): how many samples/s each path can
+deliver, i.e. how far it is from limiting training. The machine's load (os.getloadavg) is printed before and after:
+on a shared machine, compare the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
@@ -58,6 +60,26 @@ def samples_per_s(cfg) -> float:
     return statistics.median(rates[1:] or rates)
 
 
+def loading_only(cfg) -> float:
+    """Samples/s of the batch source alone: every micro-batch of the run's steps, on the device (the first step, with
+    the workers' start-up, left out)."""
+    from trainer.loop import build
+
+    parts = build(cfg)
+    steps = parts.horizon.total_steps - 1
+    try:
+        for _ in parts.batches(0):
+            pass
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            for _ in parts.batches(step):
+                pass
+        elapsed = time.perf_counter() - start
+    finally:
+        parts.batches.close()
+    return steps * parts.task.batch_size / elapsed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
@@ -83,12 +105,17 @@ def main() -> None:
         for name, make in configs.items():
             results[name].append(samples_per_s(make()))
             print(f"  repeat {r + 1}: {name:<24} {results[name][-1]:8.0f} samples/s", flush=True)
+    loading: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(args.repeats):
+        for name, make in configs.items():
+            loading[name].append(loading_only(make()))
+            print(f"  repeat {r + 1}: {name:<24} {loading[name][-1]:8.0f} samples/s loaded (no model)", flush=True)
     print(f"load average after: {os.getloadavg()} ({time.perf_counter() - start:.0f} s)")
     base = statistics.median(results["on device"])
-    print(f"\n{'path':<24} {'samples/s':>10} {'vs on device':>13}")
-    for name, rates in results.items():
-        rate = statistics.median(rates)
-        print(f"{name:<24} {rate:10.0f} {rate / base:12.2f}x")
+    print(f"\n{'path':<24} {'training samples/s':>19} {'vs on device':>13} {'loading alone, samples/s':>25}")
+    for name in configs:
+        rate, alone = statistics.median(results[name]), statistics.median(loading[name])
+        print(f"{name:<24} {rate:19.0f} {rate / base:12.2f}x {alone:25.0f}")
 
 
 if __name__ == "__main__":

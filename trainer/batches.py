@@ -10,7 +10,7 @@ The loop asks `batches(step)` for the grad_accum micro-batches of this rank's sh
   step the run resumes from. Resume is therefore exact without saving any loader state. Per-sample randomness
   (augmentation in `__getitem__`) is seeded from (seed, step, position in the global batch) before each sample,
   so a step sees the same transformed batch whatever the number of workers, their timing, the number of DDP ranks
-  or grad_accum. Batches come through pinned memory and are copied to the device with non_blocking=True.
+  or grad_accum. On CUDA, batches come through pinned memory and are copied with non_blocking=True.
 
 DataLoading holds the data.* options (workers, pin_memory, prefetch, persistent_workers) and also gives tasks an
 ordered loader for evaluation (`task.loading.ordered(dataset, batch_size)`).
