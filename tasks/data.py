@@ -43,3 +43,13 @@ def load_mnist(root: str | Path, download: bool | str = "auto") -> tuple[torch.T
         )
     train, test = MNIST(str(root), train=True, download=False), MNIST(str(root), train=False, download=False)
     return train.data, train.targets, test.data, test.targets
+
+
+def holdout_split(n: int, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of n samples: the last `val_size` of a permutation drawn from its own
+    generator (`seed`), so the split is the same for every run whatever trainer.seed is; the rest, in the
+    permutation's order, train. val_size=0: everything trains, in file order. (MnistCNN draws the same split.)"""
+    if val_size == 0:
+        return torch.arange(n), torch.arange(0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:-val_size], perm[-val_size:]

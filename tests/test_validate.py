@@ -84,13 +84,13 @@ BAD = [
     # schedule
     ("schedule.warmup=5000 trainer.max_steps=100", "schedule.warmup=5000 is 5000 steps, longer than the run "
                                                    "(100 steps)"),
-    ("schedule.warmup=20ep", "schedule.warmup='20ep' is 9360 steps, longer than the run (4680 steps)"),
+    ("schedule.warmup=20ep", "schedule.warmup='20ep' is 8580 steps, longer than the run (4290 steps)"),
     ("task=mnist_cnn schedule.warmup=11ep", "longer than the run (4290 steps)"),  # (60000 - 5000) // 128 * 10
     ("schedule.warmup=1.5", "schedule.warmup=1.5: must be a duration"),
     ("schedule.warmup=-3", "schedule.warmup=-3: must be a duration"),
     ("schedule.floor=2", "schedule.floor=2: must be a number in [0, 1]"),
     ("schedule=wsd schedule.shape=square", "schedule.shape='square': must be one of linear, cosine, 1-sqrt"),
-    ("schedule=wsd schedule.warmup=0.5 schedule.cooldown=0.6", "are longer than the run (4680 steps)"),
+    ("schedule=wsd schedule.warmup=0.5 schedule.cooldown=0.6", "are longer than the run (4290 steps)"),
     ("schedule=plateau schedule.patience=-2", "schedule.patience=-2: must be an int >= 0"),
     ("schedule=plateau trainer.eval_interval=0", "trainer.eval_interval=0: schedule=plateau needs evaluations"),
     ("+schedule.warmpu=0.1", "schedule.warmpu=0.1: unknown key for schedules.cosine_warmup; did you mean 'warmup'?"),
@@ -114,8 +114,8 @@ BAD = [
     ("trainer.dry_run=1", "trainer.dry_run=1: must be true or false"),
     # task, norm, clip, amp, data, top level
     ("task.batch_size=0", "task.batch_size=0: must be an int >= 1"),
-    ("task.batch_size=100000", "task.batch_size=100000: must be <= the training set (60000 samples)"),
-    ("task=mnist_cnn task.val_size=60000", "task.val_size=60000: must be an int in [1, 59999]"),
+    ("task.batch_size=100000", "task.batch_size=100000: must be <= the training set (55000 samples)"),
+    ("task=mnist_cnn task.val_size=60000", "task.val_size=60000: must be an int in [0, 59999]"),
     ("task=char_transformer task.n_embd=130", "task.n_embd=130: must be a multiple of task.n_head=4"),
     ("task=char_transformer +task.n_layers=2", "task.n_layers=2: unknown key for tasks.char_transformer."
                                                "CharTransformer; did you mean 'n_layer'?"),

@@ -282,7 +282,7 @@ RULES: list[tuple[str, Spec]] = [
     # tasks
     ("task.batch_size", POS_INT),
     ("task.eval_batch_size", POS_INT),
-    ("task.val_size", num(1, 59999, integer=True)),
+    ("task.val_size", num(0, 59999, integer=True)),  # 0: no validation split (the VAE only)
     ("task.dropout", UNIT),
     ("task.label_smoothing", UNIT),
     ("task.hidden", POS_INT),

@@ -10,9 +10,10 @@ never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more)
    the type annotation of the target's parameter (`optimizer.foreach=yes` is not a bool). Interpolated values
    (`${regularize.weight_decay}`) are checked once, where they are defined.
 2. Cross-key rules: max_steps or max_epochs set; grad_accum divides batch_size; the batch fits the data set;
-   the schedule's durations fit the run when total steps are known without data (max_steps, or MNIST's fixed
-   60000 training images); early stopping / plateau need evaluations during the run; augmentation needs a task
-   that takes it; n_embd divisible by n_head.
+   the schedule's durations fit the run when total steps are known without data (max_steps, or MNIST's 60000
+   training images less the validation split); a val_* monitor needs a validation split (task.val_size > 0);
+   early stopping / plateau need evaluations during the run; augmentation needs a task that takes it; n_embd
+   divisible by n_head.
 3. The machine: the device exists; fp16 autocast needs a GPU; torch.compile needs Dynamo support, a C++
    compiler on CPU and Triton on CUDA; DDP has no MPS backend.
 4. Cheap construction of the parts that hold no data (schedule with the run's Horizon, gradient transforms,
@@ -346,12 +347,10 @@ def train_size(cfg: DictConfig, p: Problems | None = None) -> int | None:
     """The training-set size when it is known without loading data (MNIST's 60000 images), else None."""
     p = p or Problems()
     target = _get(cfg, "task._target_", p)
-    if target == "tasks.mnist_vae.MnistVAE":
-        return MNIST_TRAIN
-    if target == "tasks.mnist_cnn.MnistCNN":
+    if target in ("tasks.mnist_vae.MnistVAE", "tasks.mnist_cnn.MnistCNN"):  # both hold out val_size (5000)
         val = _get(cfg, "task.val_size", p)
         val = 5000 if val is None and "val_size" not in cfg.task else val
-        return MNIST_TRAIN - val if is_int(val) and 0 < val < MNIST_TRAIN else None
+        return MNIST_TRAIN - val if is_int(val) and 0 <= val < MNIST_TRAIN else None
     return None
 
 
@@ -387,6 +386,16 @@ def _check_cross_keys(cfg: DictConfig, p: Problems) -> None:
     heads, width = _get(cfg, "task.n_head", p), _get(cfg, "task.n_embd", p)
     if is_int(heads) and is_int(width) and heads > 0 and width % heads:
         p.add("task.n_embd", f"task.n_embd={width}: must be a multiple of task.n_head={heads}")
+
+    # Without a validation split evaluations score the test set: nothing reports a val_* metric.
+    val, metric = _get(cfg, "task.val_size", p), _get(cfg, "monitor.metric", p)
+    if val == 0 and is_int(val):
+        if _get(cfg, "task._target_", p) == "tasks.mnist_cnn.MnistCNN":
+            p.add("task.val_size", "task.val_size=0: the CNN evaluates on its validation split; use >= 1")
+        elif isinstance(metric, str) and metric.startswith("val_"):
+            p.add("monitor.metric", f"monitor.metric={fmt(metric)}: task.val_size=0 leaves no validation split, so "
+                                    "evaluations report test_* metrics; set task.val_size > 0 (selection on "
+                                    "validation) or monitor.metric=test_loss (recipe=mnist_vae_baseline)")
 
     # Metric-driven parts need evaluations during the run.
     evals = _get(cfg, "trainer.eval_interval", p)

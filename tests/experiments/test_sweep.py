@@ -37,29 +37,29 @@ def test_failed_job_is_reported_and_a_rerun_skips_the_finished(mnist_root, tmp_p
 
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["counts"] == {"finished": 3, "failed": 1, "interrupted": 0}
-    assert summary["monitor"] == {"metric": "test_loss", "mode": "min"} and summary["swept"] == ["optimizer.lr"]
+    assert summary["monitor"] == {"metric": "val_loss", "mode": "min"} and summary["swept"] == ["optimizer.lr"]
     runs = summary["runs"]
     finished, failed = runs[:3], runs[3]
-    losses = [r["final/test_loss"] for r in finished]
+    losses = [r["final/val_loss"] for r in finished]
     assert losses == sorted(losses) and all(r["status"] == "finished" and r["step"] == 2 for r in finished)
     assert failed["status"] == "failed" and failed["params"] == {"optimizer.lr": "-1"}
     assert "ConfigError" in failed["error"] and "-1" in failed["error"]
     # The numbers are the runs' own: final_metrics.json of each job directory.
     for r in finished:
         final = json.loads((sweep_dir / r["run_dir"] / "final_metrics.json").read_text())
-        assert r["final/test_loss"] == final["test_loss"] == r["best/test_loss"]
+        assert r["final/val_loss"] == final["val_loss"] == r["best/val_loss"]
     status = json.loads((sweep_dir / failed["run_dir"] / "status.json").read_text())
     assert status["status"] == "failed" and status["exit_code"] == 2
     # The printed table, the CSV and TensorBoard's hparams view.
-    assert "3 finished, 1 failed" in out.stdout and "failed" in out.stdout and "test_loss (min)" in out.stdout
+    assert "3 finished, 1 failed" in out.stdout and "failed" in out.stdout and "val_loss (min)" in out.stdout
     with open(sweep_dir / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0])[:4] == ["run_dir", "optimizer.lr", "status", "final/test_loss"]
+    assert list(table[0])[:4] == ["run_dir", "optimizer.lr", "status", "final/val_loss"]
     assert [(r["run_dir"], r["status"]) for r in table] == [(r["run_dir"], r["status"]) for r in runs]
-    assert [float(r["final/test_loss"]) for r in table[:3]] == losses
+    assert [float(r["final/val_loss"]) for r in table[:3]] == losses
     for r in finished:
         tb = _hparams(sweep_dir / "hparams" / r["run_dir"])
-        assert tb["hparam/final/test_loss"] == pytest.approx(r["final/test_loss"], rel=1e-6)
+        assert tb["hparam/final/val_loss"] == pytest.approx(r["final/val_loss"], rel=1e-6)
     assert not (sweep_dir / "hparams" / failed["run_dir"]).exists()
 
     # Re-running the same sweep into the same directory trains nothing that finished; the failed job tries again.
@@ -112,5 +112,5 @@ def test_optuna_sweeper_with_the_joblib_launcher(mnist_root, tmp_path):
     assert summary["counts"]["finished"] == 2
     assert set(summary["swept"]) == {"optimizer.lr", "regularize.weight_decay"}
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert best["best_value"] == summary["runs"][0]["final/test_loss"]
+    assert best["best_value"] == summary["runs"][0]["final/val_loss"]
     assert float(summary["runs"][0]["params"]["optimizer.lr"]) == best["best_params"]["optimizer.lr"]
