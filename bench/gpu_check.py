@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -450,7 +451,7 @@ def check_compile(ctx: Ctx) -> dict[str, Any]:
 
 
 # TF32 ---------------------------------------------------------------------------------------------------------------
-def _matmul_error(n: int = 2048) -> tuple[float, float]:
+def _matmul_error(n: int = 4096) -> tuple[float, float]:
     """(relative error against float64, TFLOP/s) of an n x n float32 matmul with the current TF32 setting."""
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, n, device="cuda", generator=g)
@@ -466,8 +467,8 @@ def _matmul_error(n: int = 2048) -> tuple[float, float]:
 
 
 @check("trainer.tf32=true turns TF32 on for matmuls; off, a float32 matmul is float32-accurate (rel. error < 1e-5), "
-       "on, it is TF32's (> 10x larger) and faster",
-       lambda ctx: [f"in this process: build({shlex.join(ctx.overrides('trainer.tf32=true'))}); a 2048^2 matmul "
+       "on, it is TF32's (> 10x larger); TFLOP/s both ways",
+       lambda ctx: [f"in this process: build({shlex.join(ctx.overrides('trainer.tf32=true'))}); a 4096^2 matmul "
                     "with torch.backends.cuda.matmul.allow_tf32 off and on"])
 def check_tf32(ctx: Ctx) -> dict[str, Any]:
     if not ctx.cuda:
@@ -713,8 +714,10 @@ def _speed_run(ctx: Ctx) -> list[str]:
        lambda ctx: [train_py(_speed_run(ctx), ctx.work("throughput") / "run")])
 def check_throughput(ctx: Ctx) -> dict[str, Any]:
     if ctx.cuda:
+        gc.collect()  # what earlier checks left is freed, so the peak is this run's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     done = train(_speed_run(ctx), ctx.work("throughput") / "run")
     speeds = list(done.log.series("train/tokens_per_s").values())[1:]
     if not speeds or not all(math.isfinite(s) and s > 0 for s in speeds):
@@ -724,7 +727,7 @@ def check_throughput(ctx: Ctx) -> dict[str, Any]:
     figures = {"tokens/s": f"{tokens_per_s:,.0f}", "ms/iter": f"{t.batch_size * t.block_size / tokens_per_s * 1e3:.1f}",
                "model": f"{t.n_layer}x{t.n_head}x{t.n_embd}, block {t.block_size}, batch {t.batch_size}"}
     if ctx.cuda:
-        figures["peak MiB"] = f"{torch.cuda.max_memory_allocated() / 2**20:,.0f}"
+        figures["peak MiB"] = f"{(torch.cuda.max_memory_allocated() - before) / 2**20:,.0f}"
     return figures
 
 
@@ -782,6 +785,7 @@ def isolated(ctx: Ctx) -> Iterator[None]:
         from torch import _dynamo
 
         _dynamo.reset()
+        gc.collect()
         if ctx.cuda:
             torch.cuda.set_sync_debug_mode("default")
             torch.cuda.empty_cache()
