@@ -40,7 +40,7 @@ from trainer.device import resolve_device
 from trainer.early_stop import EarlyStopping
 from trainer.errors import ConfigError, UserError
 from trainer.log import RunLogger, print_error, print_warning
-from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.rng import fork_rng, rng_state, seed_everything, set_rng_state
 from trainer.sampler import SAMPLERS, EpochSampler, RandomSampler
 
 # A skipped step (non-finite, or an fp16 batch given up) still advances the schedule: the data and the LR move on
@@ -524,9 +524,8 @@ class Trainer:
         """Evaluate in eval mode, on a private RNG stream: metrics are repeatable and training's RNG is untouched."""
         p = self.p
         evaluate = evaluate or p.task.evaluate
-        devices = [p.device] if p.device.type == "cuda" else []
         p.model.eval()
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), p.autocast:
+        with fork_rng(p.device), torch.no_grad(), p.autocast:
             torch.manual_seed(p.cfg.trainer.seed + 1)
             metrics = evaluate(p.model)
         p.model.train()
@@ -542,7 +541,7 @@ class Trainer:
             log.info(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if p.cfg.trainer.pictures and log.writer is not None:
                 p.model.eval()
-                with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+                with fork_rng(p.device):
                     p.task.pictures(p.model, log.writer, self.step)
                 p.model.train()
             self._observe(metrics)
