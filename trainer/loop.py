@@ -95,8 +95,8 @@ def build(cfg: DictConfig) -> Parts:
         torch.set_num_threads(t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda" and t.tf32:  # TF32 tensor cores for float32 matmuls and convolutions
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # TF32 tensor cores for float32 matmuls and convolutions, or exact float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t.tf32)
 
     seed_everything(t.seed)
     task: Task = _build(cfg.task, "task")
@@ -537,7 +537,7 @@ class Trainer:
         with self._not_training():
             metrics = self._eval_metrics()
             self.last_eval_step, self.last_metrics = self.step, dict(metrics)
-            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()}, "time/train_s": train_time})
+            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()}, "time/train_s": round(train_time, 3)})
             log.info(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if p.cfg.trainer.pictures and log.writer is not None:
                 p.model.eval()
