@@ -537,7 +537,8 @@ class Trainer:
         with self._not_training():
             metrics = self._eval_metrics()
             self.last_eval_step, self.last_metrics = self.step, dict(metrics)
-            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()}, "time/train_s": round(train_time, 3)})
+            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()},
+                                    "time/train_s": round(train_time, 3)})
             log.info(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if p.cfg.trainer.pictures and log.writer is not None:
                 p.model.eval()
