@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -112,7 +113,17 @@ _CONSOLE = {"train/epoch": "epoch {:.2f}", "train/loss": "loss {:.4g}", "train/l
 
 
 def print_error(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _print_prefixed("error: ", "bold red", message)
+
+
+def print_warning(message: str) -> None:
+    """Something odd that still runs (trainer/validate.py oddities, a key repeated on the command line)."""
+    _print_prefixed("warning: ", "bold yellow", message)
+
+
+def _print_prefixed(prefix: str, style: str, message: str) -> None:
+    """The message as plain text: rich markup would swallow `[norm,norm]` and the like."""
+    Console(stderr=True).print(Text.assemble((prefix, style), message), highlight=False, soft_wrap=True)
     sys.stderr.flush()
 
 
