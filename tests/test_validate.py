@@ -109,7 +109,7 @@ BAD = [
     ("+trainer.devise=cpu", "trainer.devise='cpu': unknown key in trainer; did you mean 'device'?"),
     ("trainer.log_interval=0", "trainer.log_interval=0: must be a positive duration"),
     ("trainer.eval_interval=abc", "trainer.eval_interval='abc': must be a duration"),
-    ("trainer.seed=-1", "trainer.seed=-1: must be an int >= 0"),
+    ("trainer.seed=-1", "trainer.seed=-1: must be an int in [0, 17592186044415]"),
     ("trainer.compile=maybe", "trainer.compile='maybe': must be true or false"),
     ("trainer.dry_run=1", "trainer.dry_run=1: must be true or false"),
     # task, norm, clip, amp, data, top level
