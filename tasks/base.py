@@ -7,15 +7,23 @@ per-sample losses. The trainer owns everything else: sampling, precision, accumu
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from tasks.norm import KINDS
+
 
 class Task(abc.ABC):
     batch_size: int
+    # What the config validator (trainer/validate.py) checks without loading data. A task states them as class
+    # attributes; tests/test_validate.py checks them against what the task really returns.
+    norms: ClassVar[tuple[str, ...]] = KINDS  # the conf/norm kinds its model can use
+    eval_metrics: ClassVar[Mapping[str, str]] = {}  # evaluate()'s keys -> min | max (which way is better); {}: unknown
+    test_metrics: ClassVar[Mapping[str, str]] = {}  # the keys final_metrics() adds, scored once at the end
 
     @abc.abstractmethod
     def setup(self, device: torch.device) -> None:

@@ -64,6 +64,8 @@ def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: to
 
 
 class MnistVAE(Task):
+    eval_metrics = {"test_loss": "min"}
+
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, hidden: int = 400, latent: int = 20,
                  norm: NormFactory | None = None, dropout: float = 0.0, num_pictures: int = 8) -> None:
