@@ -11,8 +11,8 @@ never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more)
    (`${regularize.weight_decay}`) are checked once, where they are defined.
 2. Cross-key rules: max_steps or max_epochs set; grad_accum divides batch_size; the batch fits the data set;
    the schedule's durations fit the run when total steps are known without data (max_steps, or MNIST's fixed
-   60000 training images); early stopping / plateau need evaluations during the run (an interval shorter than
-   it); augmentation needs a task that takes it; n_embd divisible by n_head. What the task declares (its class
+   60000 training images); early stopping / plateau need evaluations during the run (a non-zero interval);
+   augmentation needs a task that takes it; n_embd divisible by n_head. What the task declares (its class
    attributes `norms`, `eval_metrics`, `test_metrics`, tasks/base.py): the norm is one its model can use; the
    metrics that early stopping, plateau, monitor and expect name are ones it reports, watched the right way
    (min/max). Lookahead does not wrap lookahead. Paths are of the right kind (data.root a folder, text_path a
@@ -25,7 +25,8 @@ never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more)
    when passes 1-3 found nothing wrong in it or in the keys it interpolates, so no problem is reported twice.
 
 `oddities(cfg)` lists settings that run but probably do not do what was meant (an evaluation interval longer than
-the run, early stopping that can never stop, more threads than cores); validate() prints each once as a warning.
+the run, early stopping or plateau with too few evaluations to ever act, more threads than cores); validate()
+prints each once as a warning.
 """
 
 from __future__ import annotations
@@ -409,19 +410,12 @@ def _check_cross_keys(cfg: DictConfig, p: Problems) -> None:
     if is_int(heads) and is_int(width) and heads > 0 and width % heads:
         p.add("task.n_embd", f"task.n_embd={width}: must be a multiple of task.n_head={heads}")
 
-    # Metric-driven parts need evaluations during the run: a non-zero interval shorter than the run.
+    # Metric-driven parts need evaluations during the run (an interval as long as the run: see oddities()).
     evals = _get(cfg, "trainer.eval_interval", p)
     needs = _metric_driven(cfg, p)
-    if needs and evals is not None and duration_ok(evals):
-        every, total = _eval_every(cfg, evals, p), horizon_numbers(cfg, p)[0]
-        if _steps(evals, 10**9, 10**6) == 0:
-            p.add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations "
-                                           f"during the run (a non-zero interval){needs[1]}")
-        elif every is not None and total is not None and every >= total:
-            length = "the whole run" if every == total else f"longer than the run ({total} steps)"
-            p.add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)} is {every} steps, {length}: "
-                                           f"{needs[0]} needs evaluations during the run (a shorter interval)"
-                                           f"{needs[1]}")
+    if needs and evals is not None and duration_ok(evals) and _steps(evals, 10**9, 10**6) == 0:
+        p.add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations "
+                                       f"during the run (a non-zero interval){needs[1]}")
 
 
 def _metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
@@ -473,6 +467,14 @@ def _check_task_fit(cfg: DictConfig, p: Problems) -> None:
     if norms and isinstance(kind, str) and kind not in norms:
         p.add("norm.kind", f"norm.kind={fmt(kind)} (norm={kind}): the task {task} cannot use it; it takes "
                            + ", ".join(f"norm={k}" for k in norms))
+    batch, accum = _get(cfg, "task.batch_size", p), _get(cfg, "trainer.grad_accum", p)
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) if _get(cfg, "trainer.strategy", p) == "ddp" else 1
+    if kind == "batchnorm" and is_int(batch) and is_int(accum) and accum > 0 and batch % accum == 0 \
+            and batch // (accum * ranks) == 1:
+        p.add("norm.kind", f"norm.kind='batchnorm' (norm=batchnorm) with micro-batches of 1 sample (task.batch_size="
+                           f"{batch} / trainer.grad_accum={accum}" + (f" / {ranks} ranks" if ranks > 1 else "")
+                           + "): BatchNorm cannot normalise a single sample in training; use a larger task.batch_size, "
+                             "a smaller trainer.grad_accum, or norm=layernorm")
     evals = dict(getattr(cls, "eval_metrics", None) or {})
     if not evals:
         return  # the task declares nothing: its metrics are checked when it evaluates
@@ -799,28 +801,33 @@ def _cores() -> int:
 
 def oddities(cfg: DictConfig) -> list[str]:
     """Settings that run but probably do not do what was meant, one line each: warnings, not errors, because
-    each is a legitimate choice in some run (a smoke test shorter than an epoch evaluates only at its end)."""
+    each is a legitimate choice in some run (a smoke test shorter than an epoch evaluates only at its end, and
+    early stopping or plateau then never act; the run is still right)."""
     p, lines = Problems(), []
     total = horizon_numbers(cfg, p)[0]
     evals = _get(cfg, "trainer.eval_interval", p)
     every = _eval_every(cfg, evals, p) if evals is not None and duration_ok(evals) else None
     needs = _metric_driven(cfg, p)
-    if every and total and every > total and not needs:  # with early stopping / plateau: an error (pass 2)
+    if every and total and every > total and not needs:
         lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
                      "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
-    if every and total and every < total and needs:
+    if every and total and needs:
+        stop = needs[0] == "early stopping"
+        key = "early_stop.patience" if stop else "schedule.patience"
+        effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
         evaluations = (total - 1) // every  # evaluations before the last step (that one decides nothing)
-        patience = _get(cfg, "early_stop.patience" if needs[0] == "early stopping" else "schedule.patience", p)
-        if is_int(patience):
-            # early stopping: the first evaluation sets the best, then `patience` (at least 1) without
-            # improvement stop the run; plateau: more than `patience` without improvement lower the LR.
-            needed = max(patience, 1) + 1 if needs[0] == "early stopping" else patience + 2
-            key, effect = (("early_stop.patience", "early stopping can never stop it") if needs[0] == "early stopping"
-                           else ("schedule.patience", "reduce-on-plateau can never lower the learning rate"))
-            if evaluations < needed:
-                lines.append(f"{key}={patience}: the run evaluates {evaluations} time{'s' * (evaluations != 1)} "
-                             f"before its end (every {every} of {total} steps), so {effect} (that takes {needed}); "
-                             f"evaluate more often (trainer.eval_interval) or lower {key}")
+        patience = _get(cfg, key, p)
+        # early stopping: the first evaluation sets the best, then `patience` (at least 1) without improvement stop
+        # the run; plateau: more than `patience` without improvement lower the LR.
+        needed = (max(patience, 1) + 1 if stop else patience + 2) if is_int(patience) else 1
+        if evaluations == 0:
+            length = "the whole run" if every == total else f"longer than the run ({total} steps)"
+            lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, {length}: the run does not evaluate "
+                         f"before its end, so {effect}; use a shorter interval")
+        elif evaluations < needed:
+            lines.append(f"{key}={patience}: the run evaluates {evaluations} time{'s' * (evaluations != 1)} "
+                         f"before its end (every {every} of {total} steps), so {effect} (that takes {needed}); "
+                         f"evaluate more often (trainer.eval_interval) or lower {key}")
     threads, cores = _get(cfg, "trainer.threads", p), _cores()
     if is_int(threads) and threads > cores:
         lines.append(f"trainer.threads={threads}: this machine has {cores} core{'s' * (cores > 1)} for this "
