@@ -22,22 +22,40 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tasks.base import Task
 from tasks.gpt import GPT, NormFactory
-from trainer.errors import DataNotFoundError
+from trainer.errors import DataError, DataNotFoundError
 
 
 def read_text(path: str | Path) -> str:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"task.text_path={path} is a folder; give a UTF-8 text file: task.text_path=/path/to/file.txt")
     if not path.is_file():
         raise DataNotFoundError(
             f"text not found: looked for {path.resolve()}. Fix: point the data root at the folder that contains "
             f"tinyshakespeare/input.txt, with `data.root=/path/to/data` or `export KILN_DATA_ROOT=/path/to/data`, "
             f"or give any UTF-8 file with `task.text_path=/path/to/file.txt`."
         )
-    return path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"task.text_path={path} cannot be read ({e.strerror or e}); make it readable or give "
+                        "another file: task.text_path=/path/to/file.txt") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"task.text_path={path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
+            f"cannot be decoded ({e.reason}). Fix: convert it, e.g. `iconv -f latin1 -t utf-8 {path} > "
+            f"{path.with_suffix('.utf8.txt')}` (use the encoding it is really in), and pass "
+            f"task.text_path={path.with_suffix('.utf8.txt')}"
+        ) from None
 
 
 class CharTransformer(Task):
     sampling = "random"
+    norms = ("none", "layernorm", "rmsnorm")  # BatchNorm1d wants [N, C, L]; the GPT's activations are [B, T, C]
+    eval_metrics = {"val_loss": "min"}
 
     def __init__(self, text_path: str, block_size: int = 64, batch_size: int = 12, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, bias: bool = True, dropout: float = 0.0,
@@ -56,8 +74,12 @@ class CharTransformer(Task):
         tokens = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
         n = int(0.9 * len(tokens))
         self.train_tokens, self.val_tokens = tokens[:n].to(device), tokens[n:].to(device)
-        if len(self.val_tokens) <= self.block_size + 1:
-            raise DataNotFoundError(f"{self.text_path} is too short for block_size={self.block_size}")
+        if len(self.val_tokens) <= self.block_size + 1:  # the last 10% must hold one validation window
+            size = "is empty" if not text else f"has {len(text):,} characters"
+            raise DataError(f"task.text_path={self.text_path} {size}: too short for task.block_size={self.block_size} "
+                            f"(its last 10%, the validation split, must hold a window of block_size + 2 characters). "
+                            f"Fix: a text of at least {10 * (self.block_size + 2):,} characters, or a smaller "
+                            f"task.block_size")
         self.window = torch.arange(self.block_size + 1, device=device)
         # Fixed validation windows: the same batches at every evaluation.
         if self.eval_batches is None:  # tile the whole split

@@ -143,6 +143,15 @@ def _short_ok(v: Any) -> bool:
             and num()(v["target"]) and num(0)(v.get("tolerance", 0)) and num(nullable=True)(v.get("measured")))
 
 
+# trainer.seed: torch generators take seeds in [-2**63, 2**64) (ValueError beyond), and the samplers seed theirs
+# with seed * 1000003 + step (trainer/sampler.py), so the seed must leave that product room below 2**64: 2**44 - 1
+# leaves 8e17 steps. Python's random takes any int and numpy gets seed % 2**32 (trainer/rng.py). Negative seeds are
+# refused: torch would wrap -1 to 2**64 - 1, another run's seed.
+SEED_MAX = 2**44 - 1
+seed_spec = Spec(lambda v: is_int(v) and 0 <= v <= SEED_MAX,
+                 f"an int in [0, {SEED_MAX}] (2**44 - 1: the samplers seed torch generators with "
+                 "seed * 1000003 + step, which must stay below 2**64)")
+
 # --- the table -------------------------------------------------------------------------------------------
 
 UNIT = num(0, 1, hi_open=True)  # [0, 1): betas, momentum, dropout, label smoothing
@@ -154,7 +163,7 @@ NONNEG_INT = num(0, integer=True)
 RULES: list[tuple[str, Spec]] = [
     # trainer (closed group: every key is listed)
     ("trainer.device", device_spec),
-    ("trainer.seed", num(0, integer=True)),
+    ("trainer.seed", seed_spec),
     ("trainer.max_epochs", num(1, integer=True, nullable=True)),
     ("trainer.max_steps", num(1, integer=True, nullable=True)),
     ("trainer.grad_accum", POS_INT),
