@@ -464,8 +464,8 @@ def test_tasks_declare_what_they_evaluate_and_which_norms_they_take(tmp_path, mo
          lambda norm: CharTransformer(str(text), block_size=8, batch_size=4, n_layer=1, n_head=2, n_embd=16,
                                       eval_batches=1, eval_batch_size=4, norm=norm)),
     ]
-    for cls, settings, build in builders:
-        evals, tests = cls.declared_metrics(settings)
+    for cls, task_keys, build in builders:
+        evals, tests = cls.declared_metrics(task_keys)
         task = build(None)
         task.setup(torch.device("cpu"))
         model = task.build_model()
