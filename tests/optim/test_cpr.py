@@ -223,3 +223,33 @@ def test_option_builds_it_and_leaves_the_no_decay_group_unconstrained():
     opt.step()  # lr=0: only the constraint moves parameters
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved == {"0.weight"}
+
+
+# -- regularize.weight_decay_mode=coupled: CPR has no weight decay to move into the loss ------------------------
+COUPLED = ("optimizer=cpr", "regularize.weight_decay_mode=coupled", "regularize.weight_decay=0.1")
+
+
+def test_coupled_weight_decay_with_cpr_is_a_config_error_naming_the_keys():
+    """It used to zero every group's weight_decay, which switched CPR off (it skips groups with weight_decay=0),
+    while no L2 was added either (no group had weight_decay > 0): training ran unregularized, silently."""
+    from regularize.weight_decay import coupled_weight_decay
+    from trainer.validate import problems
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = instantiate(compose_cfg(*COUPLED).optimizer)(param_groups(model))
+    with pytest.raises(ValueError, match=r"regularize\.weight_decay_mode=coupled .*CPR has no weight decay"):
+        coupled_weight_decay(opt, "coupled", 0.1)
+    assert [g.get("weight_decay") for g in opt.param_groups] == [None, 0.0]  # left as they were
+    assert any(line.startswith("regularize.weight_decay_mode=coupled") and "regularize.weight_decay_mode="
+               "decoupled" in line for line in problems(compose_cfg(*COUPLED)))
+    # Without a weight decay to move, coupled mode has nothing to do and CPR runs as usual.
+    assert coupled_weight_decay(opt, "coupled", 0.0) is None
+    assert not problems(compose_cfg("optimizer=cpr", "regularize.weight_decay_mode=coupled"))
+
+
+def test_coupled_weight_decay_with_cpr_exits_with_code_2_before_training(tmp_path):
+    from tests.conftest import run_cli
+
+    done = run_cli(*COUPLED, f"hydra.run.dir={tmp_path}", "trainer.max_steps=1", timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "regularize.weight_decay_mode=coupled" in done.stderr + done.stdout
