@@ -137,16 +137,22 @@ def ref_adam_atan2(p, grads, lr, betas, weight_decay, a=1.27, b=1.0, cautious=Fa
     return out
 
 
-def ref_adam_softplus(p, grads, lr, betas, weight_decay, softplus_beta, threshold):
+def ref_adam_softplus(p, grads, lr, betas, weight_decay, softplus_beta, threshold, cautious=False,
+                      cautious_wd=False):
+    """The authors' Sadam (optimizer/Sadam.py in github.com/neilliang90/Sadam, amsgrad off): softplus of the raw
+    sqrt(v), the bias corrections in the step size lr*sqrt(1-b2^t)/(1-b1^t); decay decoupled as in AdamW."""
     b1, b2 = betas
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
     for t, g in enumerate(grads, 1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        x = torch.sqrt(v / (1 - b2**t))
+        x = torch.sqrt(v)
         smooth = torch.log(1 + torch.exp(softplus_beta * x)) / softplus_beta  # log(1 + e^(beta x))/beta
         den = torch.where(softplus_beta * x > threshold, x, smooth)
-        p = p - lr * weight_decay * p - lr * (m / (1 - b1**t)) / den
+        u = math.sqrt(1 - b2**t) / (1 - b1**t) * m / den
+        if cautious:
+            u = _caution(u, g)
+        p = p - lr * _decay(p, u, weight_decay, cautious_wd) - lr * u
         out.append(p)
     return out
 
@@ -246,12 +252,29 @@ def test_each_cautious_option_changes_the_trajectory(name):
         assert any(not torch.equal(a, b) for a, b in zip(run, runs[0])), c
 
 
-def test_adam_softplus_first_three_steps():
+@pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
+def test_adam_softplus_first_three_steps(caution):
     hp0 = dict(lr=0.1, betas=(0.9, 0.999), weight_decay=0.1, softplus_beta=50.0, threshold=20.0)
-    hp1 = dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.0, softplus_beta=10.0, threshold=2.0)  # both branches
+    hp1 = dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.5, softplus_beta=300.0, threshold=2.0)  # both branches
     starts, grads = _starts(), _grads()
-    got = _run(_two_groups(AdamSoftplus, hp0, hp1), starts, grads)
-    _assert_matches(got, _per_tensor(ref_adam_softplus, starts, grads, [hp0, {**hp0, **hp1}]))
+    got = _run(_two_groups(AdamSoftplus, {**hp0, **caution}, hp1), starts, grads)
+    _assert_matches(got, _per_tensor(ref_adam_softplus, starts, grads, [{**hp0, **caution},
+                                                                        {**hp0, **caution, **hp1}]))
+
+
+def test_adam_softplus_first_step_in_closed_form():
+    """Step 1: m = (1-b1)g, sqrt(v) = sqrt(1-b2)|g|, step size lr*sqrt(1-b2)/(1-b1), so
+    p1 = -lr*sqrt(1-b2)*g / softplus_50(sqrt(1-b2)|g|). For |g| <= 0.1 the softplus floor log(2)/50 dominates
+    and the step is far below lr (softplus of the bias-corrected sqrt(v_hat) = |g| gave steps near lr)."""
+    g = torch.tensor([0.1, -0.01, 1e-3, -5.0], dtype=F64)
+    p = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = AdamSoftplus([p], lr=0.01, betas=(0.9, 0.999), softplus_beta=50.0)
+    p.grad = g.clone()
+    opt.step()
+    x = math.sqrt(0.001) * g.abs()
+    want = -0.01 * math.sqrt(0.001) * g / (torch.log1p(torch.exp(50.0 * x)) / 50.0)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=0.0)
+    assert (p.detach()[:3].abs() < 0.01 * 0.25).all()  # small gradients: a fraction of lr
 
 
 def test_diffgrad_first_three_steps():
