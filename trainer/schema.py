@@ -229,6 +229,7 @@ RULES: list[tuple[str, Spec]] = [
     ("optimizer*.fused", boolean(nullable=True)),
     ("optimizer*.cautious", boolean()),
     ("optimizer*.cautious_wd", boolean()),
+    ("optimizer*.always_adapt", boolean()),
     ("optimizer*.nesterov", boolean()),
     # schedule
     ("schedule.warmup", duration()),

@@ -106,7 +106,9 @@ def ref_lion(p, grads, lr, betas, weight_decay, cautious=False, cautious_wd=Fals
     return out
 
 
-def ref_lamb(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd=False):
+def ref_lamb(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd=False, always_adapt=False):
+    """LAMB (1904.00962) as timm's and NVIDIA apex's default runs it: the trust ratio ||p||/||r|| only where weight
+    decay applies (timm: `if weight_decay != 0 or always_adapt`), 1 where either norm is zero."""
     b1, b2 = betas
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
     for t, g in enumerate(grads, 1):
@@ -118,7 +120,7 @@ def ref_lamb(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd
         r = u + _decay(p, u, weight_decay, cautious_wd)
         p_norm, r_norm = math.sqrt((p * p).sum().item()), math.sqrt((r * r).sum().item())
         trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
-        p = p - lr * trust * r
+        p = p - lr * (trust if weight_decay != 0 or always_adapt else 1.0) * r
         out.append(p)
     return out
 
@@ -385,11 +387,41 @@ def test_lamb_trust_ratio_sets_the_step_length_per_tensor():
     """One step moves each tensor by exactly lr*||p|| (the direction is r/||r||), and a zero tensor by lr*||r||."""
     starts, grads = _starts(), _grads()
     starts[1] = torch.zeros(4, dtype=F64)
-    got = _run(lambda ps: Lamb(ps, lr=0.01, weight_decay=0.0), starts, grads[:1])[0]
+    got = _run(lambda ps: Lamb(ps, lr=0.01, weight_decay=0.0, always_adapt=True), starts, grads[:1])[0]
     torch.testing.assert_close(torch.linalg.vector_norm(got[0] - starts[0]),
                                0.01 * torch.linalg.vector_norm(starts[0]), rtol=1e-12, atol=0.0)
     g = grads[0][1]  # first step r = m_hat/(sqrt(v_hat)+eps) = g/(|g| + eps) and the trust ratio falls back to 1
     torch.testing.assert_close(got[1], -0.01 * g / (g.abs() + 1e-6), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("always_adapt", [False, True])
+def test_lamb_adapts_only_where_weight_decay_applies_unless_always_adapt(always_adapt):
+    hp0 = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1, always_adapt=always_adapt)
+    hp1 = dict(lr=0.03, weight_decay=0.0)  # kiln's no_decay group
+    starts, grads = _starts(), _grads()
+    got = _run(_two_groups(Lamb, hp0, hp1), starts, grads)
+    _assert_matches(got, _per_tensor(ref_lamb, starts, grads, [hp0, {**hp0, **hp1}]))
+
+
+def test_lamb_moves_zero_initialised_biases_like_adam():
+    """A zero bias in the no_decay group: with the trust ratio it starts from ||p|| = 0 and crawls (norm 0.005
+    after 500 steps at lr 1e-3); timm's/apex's default leaves it the plain Adam step (norm 0.92 here)."""
+    g = torch.Generator().manual_seed(4)
+    grads = [[torch.randn(6, 4, generator=g, dtype=F64), 0.5 + torch.randn(16, generator=g, dtype=F64)]
+             for _ in range(500)]
+    starts = [torch.randn(6, 4, generator=g, dtype=F64), torch.zeros(16, dtype=F64)]
+
+    def run(**kw):
+        params = [torch.nn.Parameter(s.clone()) for s in starts]
+        opt = Lamb([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-3,
+                   weight_decay=0.01, **kw)
+        return stepped(opt, params, grads)[-1][1]
+
+    adam = ref_adamw(starts[1], [gs[1] for gs in grads], lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
+                     weight_decay=0.0)[-1]
+    torch.testing.assert_close(run(), adam, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.vector_norm(adam) > 0.5
+    assert torch.linalg.vector_norm(run(always_adapt=True)) < 0.1  # the old behaviour, now an option
 
 
 # -- the AdamW factory behind conf/optimizer/adamw.yaml -------------------------------------------------------
@@ -531,7 +563,8 @@ CONVERGE = {
     "lion": (lambda p: Lion(p, lr=0.002), ([0.0] * 8, 1000, 1e-12), ([-1.0, 1.0], 3000, 1e-2)),
     # The trust ratio makes every step lr*||p|| long, so LAMB stalls near p = 0: start away from the origin and
     # allow the floor that a constant lr leaves.
-    "lamb": (lambda p: Lamb(p, lr=0.001, weight_decay=0.0), ([0.5] * 8, 1500, 1e-3), ([0.5, 1.5], 1000, 1e-2)),
+    "lamb": (lambda p: Lamb(p, lr=0.001, weight_decay=0.0, always_adapt=True), ([0.5] * 8, 1500, 1e-3),
+             ([0.5, 1.5], 1000, 1e-2)),
     "adam_atan2": (lambda p: AdamAtan2(p, lr=0.05), ([0.0] * 8, 500, 1e-12), ([-1.0, 1.0], 2000, 1e-2)),
     "adam_atan2_cautious": (lambda p: AdamAtan2(p, lr=0.05, cautious=True),
                             ([0.0] * 8, 500, 1e-12), ([-1.0, 1.0], 2000, 1e-4)),
