@@ -199,8 +199,9 @@ def ref_adanorm(p, grads, lr, betas, eps, weight_decay, gamma, corrected_steps: 
     return out
 
 
-def ref_adams(starts, grads, hps):
-    """AdamS over the whole model: v_bar is the mean of v_hat over every element of both tensors."""
+def ref_adams(starts, grads, hps, cautious=False, cautious_wd=False):
+    """AdamS over the whole model: v_bar is the mean of v_hat over every element of both tensors; the decay
+    wd/sqrt(v_bar)*p is decoupled, so the cautious options act on it as on AdamW's."""
     ps = [s.clone() for s in starts]
     ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
     out = []
@@ -213,7 +214,10 @@ def ref_adams(starts, grads, hps):
         v_bar = torch.cat([vh.flatten() for vh in v_hats]).mean().item()
         for i, hp in enumerate(hps):
             u = (ms[i] / (1 - hp["betas"][0] ** t)) / (torch.sqrt(v_hats[i]) + hp["eps"])
-            ps[i] = ps[i] - hp["lr"] * hp["weight_decay"] / math.sqrt(v_bar) * ps[i] - hp["lr"] * u
+            if cautious:
+                u = _caution(u, step_grads[i])
+            decay = _decay(ps[i], u, hp["weight_decay"] / math.sqrt(v_bar), cautious_wd)
+            ps[i] = ps[i] - hp["lr"] * decay - hp["lr"] * u
         out.append([p.clone() for p in ps])
     return out
 
@@ -245,19 +249,29 @@ def test_first_three_steps_match_the_published_rule(name, caution):
     _assert_matches(got, want)
 
 
-@pytest.mark.parametrize("name", list(FAMILY))
-def test_each_cautious_option_changes_the_trajectory(name):
-    """Guards the test above: on its gradients each option masks something, so a no-op would fail it."""
-    cls, _, hp0, hp1 = FAMILY[name]
-    runs = [_run(_two_groups(cls, {**hp0, **c}, hp1), _starts(), _grads())[-1] for c in CAUTION]
+@pytest.mark.parametrize("name", list(FAMILY) + ["adam_softplus", "adams"])
+def test_each_cautious_option_changes_the_reference(name):
+    """Guards the reference tests of the cautious options: on their gradients each option changes the reference's
+    own trajectory (its masks switch coordinates off), so an implementation whose option did nothing could not
+    match it."""
+    starts, grads = _starts(), _grads()
+    if name == "adams":
+        hp = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+        runs = [ref_adams(starts, grads, [hp, hp], **c)[-1] for c in CAUTION]
+    else:
+        ref, hp = (ref_adam_softplus, SOFTPLUS[0]) if name == "adam_softplus" else FAMILY[name][1:3]
+        runs = [_per_tensor(ref, starts, grads, [{**hp, **c}] * 2)[-1] for c in CAUTION]
     for c, run in zip(CAUTION[1:], runs[1:]):
-        assert any(not torch.equal(a, b) for a, b in zip(run, runs[0])), c
+        assert all(not torch.equal(a, b) for a, b in zip(run, runs[0])), c
+
+
+SOFTPLUS = (dict(lr=0.1, betas=(0.9, 0.999), weight_decay=0.1, softplus_beta=50.0, threshold=20.0),
+            dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.5, softplus_beta=300.0, threshold=2.0))  # both branches
 
 
 @pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
 def test_adam_softplus_first_three_steps(caution):
-    hp0 = dict(lr=0.1, betas=(0.9, 0.999), weight_decay=0.1, softplus_beta=50.0, threshold=20.0)
-    hp1 = dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.5, softplus_beta=300.0, threshold=2.0)  # both branches
+    hp0, hp1 = SOFTPLUS
     starts, grads = _starts(), _grads()
     got = _run(_two_groups(AdamSoftplus, {**hp0, **caution}, hp1), starts, grads)
     _assert_matches(got, _per_tensor(ref_adam_softplus, starts, grads, [{**hp0, **caution},
@@ -306,16 +320,13 @@ def test_adanorm_first_three_steps_including_the_norm_correction():
     _assert_matches(_run(_two_groups(AdaNorm, hp0, hp1), starts, grads), want)
 
 
-@pytest.mark.parametrize("caution", CAUTION[:2] + CAUTION[3:], ids=["plain", "cautious", "both"])
+@pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
 def test_adams_first_three_steps_with_whole_model_second_moment(caution):
     hp0 = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     hp1 = dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.5)
     starts, grads = _starts(), _grads()
     got = _run(_two_groups(AdamS, {**hp0, **caution}, hp1), starts, grads)
-    if caution["cautious"]:  # AdamS has the options too; the plain reference must then differ
-        assert not torch.equal(got[-1][0], ref_adams(starts, grads, [hp0, {**hp0, **hp1}])[-1][0])
-        return
-    _assert_matches(got, ref_adams(starts, grads, [hp0, {**hp0, **hp1}]))
+    _assert_matches(got, ref_adams(starts, grads, [hp0, {**hp0, **hp1}], **caution))
 
 
 # -- closed forms ---------------------------------------------------------------------------------------------
@@ -344,13 +355,20 @@ def test_adam_atan2_first_step_and_gradient_scale_invariance():
         _assert_matches(scaled, base)
 
 
-def test_adam_with_eps_is_not_scale_invariant():
-    """The contrast that makes the atan2 test meaningful: Adam's eps breaks invariance at small gradients."""
-    starts, grads = _starts(), _grads()
-    make = _two_groups(AdamW, dict(lr=0.1, weight_decay=0.1, eps=1e-8), dict(lr=0.03))
-    base = _run(make, starts, grads)[-1]
-    tiny = _run(make, starts, [[1e-6 * g for g in step] for step in grads])[-1]
-    assert not torch.allclose(tiny[1], base[1], rtol=1e-6, atol=0.0)
+@pytest.mark.parametrize("scale", [1.0, 1e-6])
+def test_adam_with_eps_is_not_scale_invariant(scale):
+    """The contrast that makes the atan2 test meaningful. Adam's first step with gradient c*g is
+    -lr*c*g/(c*|g| + eps) (m_hat = c*g, sqrt(v_hat) = c*|g|): sign(g) while c*|g| >> eps, shrunk where it is
+    not, so tiny gradients change the step where atan2's a*pi/4*sign(g) stays."""
+    g = torch.tensor([1.0, -1e-2, 1e-3, -1e-4], dtype=F64)
+    p = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = AdamW([p], lr=0.1, eps=1e-8, weight_decay=0.0)
+    p.grad = scale * g
+    opt.step()
+    want = -0.1 * scale * g / (scale * g.abs() + 1e-8)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=0.0)
+    if scale < 1:  # 1e-10 against eps 1e-8: about 1% of a step
+        assert abs(want[3].item()) < 0.002
 
 
 def test_cautious_mask_zeroes_disagreeing_coordinates_and_rescales_the_rest():
