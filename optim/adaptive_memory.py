@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optim.adam_core import Workspace
 from optim.core import beta_pair, closure_loss, groups_with_grads, nonnegative, require
 
 
@@ -90,9 +91,11 @@ class AMSGD(torch.optim.Optimizer):
                     state["direction"] = g.clone(memory_format=torch.preserve_format)
                 else:
                     d = state["direction"]
-                    e = d - g
-                    numerator = (1 + lam) * step_ratio(group, state) * dot(g, d) - dot(e, g) - lam * dot(e, d)
-                    beta = memory_weight(numerator, dot(e, e), group["beta_max"])
+                    # with e = d - g: <e, g> = <d, g> - ||g||^2, <e, d> = ||d||^2 - <d, g>, ||e||^2 from the same
+                    # three dots (no e tensor; where d ~ g the cancellation only blurs a beta that no longer matters)
+                    dg, gg, dd = dot(d, g), dot(g, g), dot(d, d)
+                    numerator = (1 + lam) * step_ratio(group, state) * dg - (dg - gg) - lam * (dd - dg)
+                    beta = memory_weight(numerator, dd - 2 * dg + gg, group["beta_max"])
                     d.mul_((beta + lam) / (1 + lam)).addcmul_(g, (1 - beta) / (1 + lam))
                     state["beta"] = beta
                 state["prev_lr"] = lr
@@ -117,6 +120,7 @@ class AMAdamW(torch.optim.Optimizer):
         for group, params in groups_with_grads(self):
             lr, lam, wd, eps = group["lr"], group["lam"], group["weight_decay"], group["eps"]
             beta_max, beta2 = group["betas"]
+            workspace = Workspace(max(p.numel() for p in params))  # scratch reused across the group's tensors
             for p in params:
                 g = p.grad
                 state = self.state[p]
@@ -127,20 +131,23 @@ class AMAdamW(torch.optim.Optimizer):
                     state["beta_prod"] = torch.ones((), dtype=p.dtype, device=p.device)
                 state["step"] += 1
                 t, d, v = state["step"], state["direction"], state["exp_avg_sq"]
+                precond, damped, scratch = (workspace.view(i, p) for i in range(3))
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                # P_t = (1 - beta_max prod_{i<t} beta_i)(sqrt(v_hat) + eps)
-                precond = (v / (1 - beta2**t)).sqrt_().add_(eps).mul_(1 - beta_max * state["beta_prod"])
-                damped = precond * lam + 1  # I + lambda P
+                # P_t = (1 - beta_max prod_{i<t} beta_i)(sqrt(v_hat) + eps);  damped = I + lambda P
+                torch.div(v, 1 - beta2**t, out=precond).sqrt_().add_(eps).mul_(1 - beta_max * state["beta_prod"])
+                torch.mul(precond, lam, out=damped).add_(1.0)
                 if t == 1:
                     beta = torch.full((), beta_max, dtype=p.dtype, device=p.device)
                 else:
-                    e = d - g
-                    metric = (precond * damped).reciprocal_()  # M = P^-1 (I + lambda P)^-1
-                    gap = step_ratio(group, state) * (dot(g, d / precond) + wd * dot(g, p))
-                    numerator = gap - dot(e * metric, g + lam * precond * d)
-                    beta = memory_weight(numerator, dot(e * metric, e), beta_max)
+                    gap = step_ratio(group, state) * (dot(g, torch.div(d, precond, out=scratch)) + wd * dot(g, p))
+                    e = torch.sub(d, g, out=scratch)
+                    e_metric = torch.div(e, precond).div_(damped)  # M e, M = P^-1 (I + lambda P)^-1
+                    denominator = dot(e_metric, e)
+                    # <M e, g + lambda P d> = <M e, g> + lambda <e/(I + lambda P), d>
+                    numerator = gap - dot(e_metric, g) - lam * dot(e_metric.mul_(precond), d)
+                    beta = memory_weight(numerator, denominator, beta_max)
                 # d <- ((1 - beta) g + (lambda P + beta) d) / (I + lambda P)
-                d.mul_(precond * lam + beta).addcmul_(g, 1 - beta).div_(damped)
+                d.mul_(torch.mul(precond, lam, out=scratch).add_(beta)).addcmul_(g, 1 - beta).div_(damped)
                 state["beta_prod"].mul_(beta)
                 state["beta"] = beta
                 state["prev_lr"] = lr
