@@ -24,7 +24,16 @@ from optim.diffgrad import DiffGrad
 from optim.lamb import Lamb
 from optim.lion import Lion
 from tests.conftest import compose_cfg
-from tests.optim.harness import assert_converges, assert_state_dict_lockstep, quadratic, rosenbrock, stepped
+from tests.optim.harness import (
+    CAUTION,
+    _caution,
+    _decay,
+    assert_converges,
+    assert_state_dict_lockstep,
+    quadratic,
+    rosenbrock,
+    stepped,
+)
 
 F64 = torch.float64
 
@@ -68,17 +77,6 @@ def _per_tensor(ref, starts, grads, hps: list[dict]) -> list[list[torch.Tensor]]
 
 
 # -- hand references of the published rules ------------------------------------------------------------------
-def _caution(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Cautious masking (2411.16085): keep u where u*g > 0, rescale by 1/max(fraction kept, 1e-3)."""
-    keep = (u * g > 0).to(u.dtype)
-    return u * keep / max(keep.mean().item(), 1e-3)
-
-
-def _decay(p: torch.Tensor, u: torch.Tensor, wd: float, cautious_wd: bool) -> torch.Tensor:
-    """The decoupled decay term wd*p, only where u*p >= 0 with cautious weight decay (2510.12402)."""
-    return wd * p * ((u * p >= 0).to(p.dtype) if cautious_wd else 1.0)
-
-
 def ref_adamw(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd=False):
     b1, b2 = betas
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
@@ -223,8 +221,6 @@ def ref_adams(starts, grads, hps, cautious=False, cautious_wd=False):
 
 
 # -- first three steps against the references -----------------------------------------------------------------
-CAUTION = [dict(cautious=False, cautious_wd=False), dict(cautious=True, cautious_wd=False),
-           dict(cautious=False, cautious_wd=True), dict(cautious=True, cautious_wd=True)]
 
 # (optimizer class, reference, group-0 hyperparameters, group-1 overrides)
 FAMILY = {

@@ -13,7 +13,10 @@ from hydra.utils import instantiate
 from optim.adamw2 import AdamW2, top_singular_value
 from tests.conftest import compose_cfg
 from tests.optim.harness import (
+    CAUTION,
     F64,
+    _caution,
+    _decay,
     assert_converges,
     assert_state_dict_lockstep,
     check_against,
@@ -28,17 +31,20 @@ def sigma1(a: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a.reshape(a.shape[0], -1), ord=2))
 
 
-def ref_adamw2(p, grads, lr, tau, betas=(0.9, 0.999), eps=1e-8, wd=0.0):
-    """AdamW's u = m_hat/(sqrt(v_hat)+eps); for a matrix, rate = min(lr, tau sigma_1(W)/sigma_1(u)) with exact
-    singular values; p <- p - rate*(u + wd p). Returns the params and the rates."""
+def ref_adamw2(p, grads, lr, tau, betas=(0.9, 0.999), eps=1e-8, wd=0.0, cautious=False, cautious_wd=False):
+    """AdamW's u = m_hat/(sqrt(v_hat)+eps) (masked with the cautious option); for a matrix,
+    rate = min(lr, tau sigma_1(W)/sigma_1(u)) with exact singular values; p <- p - rate*(u + wd p), the decay only
+    where u*p >= 0 with cautious_wd. Returns the params and the rates."""
     b1, b2 = betas
     m, v, out, rates = torch.zeros_like(p), torch.zeros_like(p), [], []
     for t, g in enumerate(grads, 1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        if cautious:
+            u = _caution(u, g)
         rate = min(lr, tau * sigma1(p) / sigma1(u)) if p.ndim >= 2 else lr
-        p = p - rate * (u + wd * p)
+        p = p - rate * (u + _decay(p, u, wd, cautious_wd))
         out.append(p)
         rates.append(rate)
     return out, rates
@@ -52,12 +58,14 @@ def _data(seed: int = 0):
     return starts, grads
 
 
-def test_four_steps_match_adamw_with_the_exact_bound_per_group():
+@pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
+def test_four_steps_match_adamw_with_the_exact_bound_per_group(caution):
     """Group 0 (a [5, 4] matrix, small tau): the bound is active; group 1 (a conv-shaped [3, 2, 2] weight and a
     vector, large tau): plain AdamW. 30 power iterations per step: converged on these sizes."""
     starts, grads = _data()
-    make = lambda ps: AdamW2([{"params": ps[:1], "tau": 0.02, "weight_decay": 0.1},  # noqa: E731
-                              {"params": ps[1:]}], lr=0.05, tau=10.0, weight_decay=0.0, power_iters=30)
+    make = lambda ps: AdamW2([{"params": ps[:1], "tau": 0.02},  # noqa: E731
+                              {"params": ps[1:], "tau": 10.0, "weight_decay": 0.2}],
+                             lr=0.05, weight_decay=0.1, power_iters=30, **caution)
     params = [torch.nn.Parameter(s.clone()) for s in starts]
     opt = make(params)
     actual = []
@@ -66,9 +74,9 @@ def test_four_steps_match_adamw_with_the_exact_bound_per_group():
             p.grad = g.clone()
         opt.step()
         actual.append([p.detach().clone() for p in params])
-    ref0, rates0 = ref_adamw2(starts[0], [g[0] for g in grads], lr=0.05, tau=0.02, wd=0.1)
-    ref1, rates1 = ref_adamw2(starts[1], [g[1] for g in grads], lr=0.05, tau=10.0)
-    ref2, _ = ref_adamw2(starts[2], [g[2] for g in grads], lr=0.05, tau=10.0)
+    ref0, rates0 = ref_adamw2(starts[0], [g[0] for g in grads], lr=0.05, tau=0.02, wd=0.1, **caution)
+    ref1, rates1 = ref_adamw2(starts[1], [g[1] for g in grads], lr=0.05, tau=10.0, wd=0.2, **caution)
+    ref2, _ = ref_adamw2(starts[2], [g[2] for g in grads], lr=0.05, tau=10.0, wd=0.2, **caution)
     check_against(actual, list(zip(ref0, ref1, ref2)), rtol=1e-9, atol=1e-12)
     assert all(r < 0.05 for r in rates0) and all(r == 0.05 for r in rates1)  # the bound binds in group 0 only
 
@@ -127,7 +135,8 @@ def test_converges_on_quadratic_and_rosenbrock():
 
 
 def test_state_dict_lockstep():
-    assert_state_dict_lockstep(lambda ps: AdamW2(ps, lr=0.05, tau=0.02, weight_decay=0.1))
+    assert_state_dict_lockstep(lambda ps: AdamW2(ps, lr=0.05, tau=0.02, weight_decay=0.1, cautious=True,
+                                                 cautious_wd=True))
 
 
 @pytest.mark.parametrize("kwargs,bad", [
