@@ -76,7 +76,7 @@ class AdamW2(AdamFamily):
     """AdamW with the per-matrix step bound lr * sigma_1(u) <= tau * sigma_1(W)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, tau: float = 0.01, power_iters: int = 1,
+                 eps: float = 1e-8, weight_decay: float = 1e-2, tau: float = 0.1, power_iters: int = 1,
                  cautious: bool = False, cautious_wd: bool = False) -> None:
         positive(tau=tau)
         int_at_least("power_iters", power_iters, 1)
