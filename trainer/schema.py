@@ -242,6 +242,13 @@ RULES: list[tuple[str, Spec]] = [
     ("optimizer*.fused", boolean(nullable=True)),
     ("optimizer*.cautious", boolean()),
     ("optimizer*.cautious_wd", boolean()),
+    ("optimizer*.always_adapt", boolean()),
+    ("optimizer*.beta_max", UNIT),  # adaptive memory (am_sgd)
+    ("optimizer*.lam", NONNEG),
+    ("optimizer*.order", num(-1, 1, lo_open=True, hi_open=True)),  # gl_fractional
+    ("optimizer*.window", POS_INT),
+    ("optimizer*.tau", POS),  # adamw2
+    ("optimizer*.power_iters", POS_INT),
     ("optimizer*.nesterov", boolean()),
     # schedule
     ("schedule.warmup", duration()),

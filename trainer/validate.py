@@ -725,7 +725,7 @@ def _check_construction(cfg: DictConfig, p: Problems) -> None:
     attempt("amp", lambda made: made)
     attempt("norm", lambda made: made(4))
     if not p.under(["regularize.decay_bias_and_norm"]):
-        attempt("optimizer", lambda made: made(_toy_groups(cfg)))
+        attempt("optimizer", lambda made: _check_coupled_decay(made(_toy_groups(cfg)), cfg, p))
     if isinstance(cfg.get("regularize"), DictConfig) and cfg.regularize.get("augment") is not None:
         attempt("regularize.augment", _build_augment)
 
@@ -786,6 +786,20 @@ def _build_augment(factory: Callable[..., Any]) -> Any:
         if "missing" in str(e):
             return None
         raise
+
+
+def _check_coupled_decay(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
+    """regularize.weight_decay_mode=coupled needs an optimizer with weight decay (regularize/weight_decay.py)."""
+    from regularize.weight_decay import coupled_weight_decay
+
+    reg = cfg.get("regularize")
+    keys = ["regularize.weight_decay_mode", "regularize.weight_decay"]
+    if not isinstance(reg, DictConfig) or reg.get("weight_decay_mode") != "coupled" or p.under(keys):
+        return
+    try:
+        coupled_weight_decay(optimizer, "coupled", reg.get("weight_decay") or 0.0)
+    except ValueError as e:
+        p.add("regularize.weight_decay_mode", str(e))
 
 
 def _toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
