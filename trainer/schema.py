@@ -217,6 +217,7 @@ RULES: list[tuple[str, Spec]] = [
     ("optimizer*.alpha", num(0, 1)),  # RMSprop smoothing; Lookahead also needs > 0 (its own check)
     ("optimizer*.k", POS_INT),
     ("optimizer*.ns_steps", POS_INT),
+    ("optimizer*.ns_dtype", one_of("auto", "bfloat16", "float32")),
     ("optimizer*.lr_decay", NONNEG),
     ("optimizer*.momentum_decay", NONNEG),
     ("optimizer*.initial_accumulator_value", NONNEG),
