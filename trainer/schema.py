@@ -289,6 +289,7 @@ RULES: list[tuple[str, Spec]] = [
     ("task.n_head", POS_INT),
     ("task.n_embd", POS_INT),
     ("task.eval_batches", num(1, integer=True, nullable=True)),
+    ("task.final_whole_split", boolean()),
     ("task.sample_chars", NONNEG_INT),
     ("task.num_pictures", NONNEG_INT),
     ("task.bias", boolean()),
