@@ -4,7 +4,9 @@
 
 PATH is a checkout of github.com/karpathy/nanoGPT (and of github.com/pytorch/examples), kept outside this
 repository: nothing of theirs is copied here. Every workload is one process, timed from start to exit, run in
-turn and, with --repeats, round after round (A B C A B C), so each ratio compares runs made minutes apart:
+turn and, with --repeats, round after round (A B C A B C), so each ratio compares runs made minutes apart. Each
+process's CPU seconds (user + sys) are reported too: with one thread they are its wall time with a core to itself,
+which a busy machine does not stretch, so their ratios check the wall-time ratios.
 
     nanogpt        nanoGPT's train.py with its README's CPU command (2000 iterations, 4x4x128, block 64,
                    batch 12, eval_iters 20), on Tiny Shakespeare prepared by its own prepare.py
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -82,15 +85,22 @@ class Run:
     round: int
     wall_s: float
     returncode: int
+    cpu_s: float = 0.0  # user + sys seconds of the process (and its children)
     metric: float | None = None  # final: nanoGPT's estimate / our whole split / the VAE's test loss
     whole_split: float | None = None  # nanoGPT: its final checkpoint over the whole validation split
     evals: list[tuple[float, int, float]] = field(default_factory=list)  # (seconds since start, step, val loss)
     note: str = ""
 
 
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, pattern: re.Pattern) -> tuple[float, int, list]:
-    """Run cmd, timestamping each output line that matches `pattern`; returns (wall s, exit code, matches)."""
-    start = time.perf_counter()
+    """Run cmd, timestamping each output line that matches `pattern`; returns (wall s, exit code, matches).
+    The CPU seconds it used are in `timed.cpu_s` afterwards."""
+    start, cpu = time.perf_counter(), children_cpu_s()
     hits = []
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -100,6 +110,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, pattern: re
             if match:
                 hits.append((time.perf_counter() - start, match))
         code = proc.wait()
+    timed.cpu_s = children_cpu_s() - cpu
     return time.perf_counter() - start, code, hits
 
 
@@ -192,7 +203,8 @@ def first_below(run: Run, level: float) -> float | None:
 def report(runs: list[Run]) -> list[str]:
     by = {name: [r for r in runs if r.name == name and r.returncode == 0] for name in WORKLOADS}
     med = {name: statistics.median(r.wall_s for r in rs) for name, rs in by.items() if rs}
-    lines = [f"{'work':<14} {'runs':>4} {'wall s (each)':>22} {'median':>8}  result"]
+    cpu = {name: statistics.median(r.cpu_s for r in rs) for name, rs in by.items() if rs}
+    lines = [f"{'work':<14} {'runs':>4} {'wall s (each)':>16} {'median':>7} {'CPU s (each)':>16} {'median':>7}  result"]
     for name, rs in by.items():
         if not rs:
             continue
@@ -202,14 +214,16 @@ def report(runs: list[Run]) -> list[str]:
             + (f" (whole split {r.whole_split:.4f})" if name == "nanogpt" and r.whole_split else "")
             + (f" [{r.note}]" if r.note else "") for r in rs if r.metric is not None)
         each = " ".join(f"{r.wall_s:.0f}" for r in rs)
-        lines.append(f"{name:<14} {len(rs):>4} {each:>22} {med[name]:>8.1f}  {result}")
+        each_cpu = " ".join(f"{r.cpu_s:.0f}" for r in rs)
+        lines.append(f"{name:<14} {len(rs):>4} {each:>16} {med[name]:>7.1f} {each_cpu:>16} {cpu[name]:>7.1f}  {result}")
     ratios = [("kiln_cpu", "nanogpt"), ("kiln_cpu_eval", "nanogpt"), ("kiln_best", "nanogpt"),
               ("kiln_vae", "examples_vae"), ("kiln_vae", "plain_vae")]
     lines.append("")
     for a, b in ratios:
         if a in med and b in med:
             pairs = [x.wall_s / y.wall_s for x, y in zip(by[a], by[b]) if x.round == y.round]
-            lines.append(f"{a} / {b}: {med[a] / med[b]:.2f} (by round: {', '.join(f'{p:.2f}' for p in pairs)})")
+            lines.append(f"{a} / {b}: {med[a] / med[b]:.2f} (by round: {', '.join(f'{p:.2f}' for p in pairs)}); "
+                         f"CPU seconds {cpu[a] / cpu[b]:.2f}")
     if by["nanogpt"] and by["kiln_best"]:
         for ng, best in zip(by["nanogpt"], by["kiln_best"]):
             reach = first_below(best, ng.metric) if ng.metric is not None else None
@@ -218,7 +232,7 @@ def report(runs: list[Run]) -> list[str]:
                 f"round {ng.round}: kiln_best's estimate first at or below {target} after "
                 + (f"{reach:.0f} s = {reach / ng.wall_s:.2f} of nanoGPT's {ng.wall_s:.0f} s" if reach else "never")
                 + f"; its final whole split {best.metric:.4f} after {best.wall_s:.0f} s = "
-                  f"{best.wall_s / ng.wall_s:.2f} of nanoGPT's time"
+                  f"{best.wall_s / ng.wall_s:.2f} of nanoGPT's time ({best.cpu_s / ng.cpu_s:.2f} in CPU seconds)"
                 + (f" (nanoGPT's whole split {ng.whole_split:.4f})" if ng.whole_split else ""))
     return lines
 
@@ -262,8 +276,9 @@ def main() -> int:
     for r in range(args.repeats):
         for name in names:
             run = WORKLOADS[name](args, env, work, r)
+            run.cpu_s = timed.cpu_s
             runs.append(run)
-            print(f"  round {r} {name}: {run.wall_s:.1f} s, exit {run.returncode}"
+            print(f"  round {r} {name}: {run.wall_s:.1f} s ({run.cpu_s:.1f} CPU s), exit {run.returncode}"
                   + (f", {run.metric:.4f}" if run.metric is not None else "")
                   + f" (load {os.getloadavg()[0]:.2f})", flush=True)
     lines = report(runs)

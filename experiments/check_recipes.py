@@ -26,12 +26,13 @@ Each run is `python train.py recipe=<name> <short overrides> <your key=value> hy
 in a subprocess, exactly what a user would type (the command is printed with the result), so one recipe that
 crashes is reported and the others still run. The verdicts go to a table and to `<out>/check.json`.
 
-The table shows each run's wall time beside the declared one. A run slower than twice its declaration
-(`--time-factor`, 0: no time check) is SLOW, and SLOW fails like a missed target: a 2x margin covers load and
-machine spread (repeat runs vary by ~10% here, a busy machine by more), so a run beyond it is a regression until
-shown otherwise, and a warning would scroll past in CI where an exit status does not (a Muon recipe once ran 13x
-its declared time unnoticed). On a slower machine than `measured_on` (the table's last lines name both), raise
-`--time-factor`.
+The table shows each run's wall time and CPU seconds (user + sys) beside the declared time. A run that took
+more than twice its declaration (`--time-factor`, 0: no time check) both on the clock and in CPU seconds is SLOW,
+and SLOW fails like a missed target: a 2x margin covers machine spread (repeat runs vary by ~10% here), a busy
+machine stretches the clock but not the CPU seconds of a one-thread run (and more threads on a quiet machine raise
+the CPU seconds, not the clock), so a run beyond it on both is a regression until shown otherwise; and a warning
+would scroll past in CI where an exit status does not (a Muon recipe once ran 13x its declared time unnoticed).
+On a slower machine than `measured_on` (the table's last lines name both), raise `--time-factor`.
 
 Exit status: 0 when nothing failed (skipped is not failed), 1 when a recipe missed its target, was SLOW, did not
 finish or declares no valid `expect` block, 2 for an unknown recipe name, 130 after Ctrl-C (the run in progress
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import subprocess
 import sys
@@ -98,6 +100,7 @@ class Result:
     measured: float | None = None
     device: str = ""
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + sys seconds of the run's process
     declared_s: float | None = None
     measured_on: str | None = None
     command: str = ""
@@ -153,17 +156,25 @@ def this_machine() -> str:
 
 
 def judge_time(result: Result, exp: Expectation, time_factor: float) -> None:
-    """SLOW when the run took more than time_factor x its declared wall time (0: no check)."""
+    """SLOW when the run took more than time_factor x its declared time on the clock and in CPU seconds alike
+    (0: no check)."""
     result.declared_s, result.measured_on = exp.wall_time_s, exp.measured_on
-    if not (time_factor and exp.wall_time_s and result.wall_s > time_factor * exp.wall_time_s):
+    took = min(result.wall_s, result.cpu_s)
+    if not (time_factor and exp.wall_time_s and took > time_factor * exp.wall_time_s):
         return
-    slow = (f"took {result.wall_s:.0f} s, {result.wall_s / exp.wall_time_s:.1f}x the {exp.wall_time_s:g} s it "
-            f"declares (limit {time_factor:g}x; measured on {exp.measured_on or 'an unnamed machine'}, this is "
-            f"{this_machine()})")
+    slow = (f"took {result.wall_s:.0f} s ({result.cpu_s:.0f} CPU s), {took / exp.wall_time_s:.1f}x the "
+            f"{exp.wall_time_s:g} s it declares (limit {time_factor:g}x; measured on "
+            f"{exp.measured_on or 'an unnamed machine'}, this is {this_machine()})")
     if result.status == "passed":
         result.status, result.reason = "SLOW", slow
     else:
         result.reason += f"; and it {slow}"
+
+
+def children_cpu_s() -> float:
+    """User + sys seconds of this process's finished children (the runs, one at a time)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check_one(name: str, version: str, out: Path, extra: list[str], timeout: float | None,
@@ -188,7 +199,7 @@ def check_one(name: str, version: str, out: Path, extra: list[str], timeout: flo
     result.command = shlex.join(["python", "train.py", *args])
     result.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu_s()
     with open(run_dir / "check.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -203,7 +214,7 @@ def check_one(name: str, version: str, out: Path, extra: list[str], timeout: flo
         except KeyboardInterrupt:
             proc.wait()  # Ctrl-C reached the run too: let it write its checkpoint (trainer.resume=<run dir>)
             raise
-    result.wall_s = time.perf_counter() - start
+    result.wall_s, result.cpu_s = time.perf_counter() - start, children_cpu_s() - cpu
     metrics_file = run_dir / "final_metrics.json"
     if returncode != 0 or not metrics_file.is_file():
         tail = (run_dir / "check.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -229,13 +240,14 @@ def check_one(name: str, version: str, out: Path, extra: list[str], timeout: flo
 
 def report(results: list[Result], console: Console) -> None:
     table = Table(title="recipes against their declared results")
-    for col in ("recipe", "version", "rule", "value", "measured", "device", "time", "declared", "status"):
-        table.add_column(col, justify="right" if col in ("value", "measured", "time", "declared") else "left")
+    for col in ("recipe", "version", "rule", "value", "measured", "device", "time", "CPU", "declared", "status"):
+        table.add_column(col, justify="right" if col in ("value", "measured", "time", "CPU", "declared") else "left")
     colour = {"passed": "green", "FAILED": "red", "SLOW": "red", "error": "red", "skipped": "yellow"}
     for r in results:
         table.add_row(r.recipe, r.version, r.rule, "" if r.value is None else f"{r.value:.5g}",
                       "" if r.measured is None else f"{r.measured:.5g}", r.device,
-                      f"{r.wall_s:.0f} s" if r.wall_s else "", f"{r.declared_s:g} s" if r.declared_s else "",
+                      f"{r.wall_s:.0f} s" if r.wall_s else "", f"{r.cpu_s:.0f} s" if r.wall_s else "",
+                      f"{r.declared_s:g} s" if r.declared_s else "",
                       f"[{colour[r.status]}]{r.status}[/]")
     console.print(table)
     if any(r.declared_s and r.wall_s for r in results):
@@ -291,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             results += [Result(n, version, "skipped", reason="interrupted (Ctrl-C)") for n in names[len(results):]]
             break
         r = results[-1]
-        took = f", {r.wall_s:.0f} s" + (f" (declared {r.declared_s:g} s)" if r.declared_s else "") if r.wall_s else ""
+        took = (f", {r.wall_s:.0f} s, {r.cpu_s:.0f} CPU s" + (f" (declared {r.declared_s:g} s)" if r.declared_s else "")
+                if r.wall_s else "")
         console.print(f"  {r.status}" + (f": {r.value:.6g} ({r.rule}){took}" if r.value is not None else
                                          f": {escape(r.reason)}" if r.reason else ""), highlight=False)
     report(results, console)

@@ -38,21 +38,24 @@ def test_pass_rule_at_the_bounds():
     assert high.rule == "test_acc >= 0.993" and low.rule == "val_loss <= 1.9 (target 1.88 + 0.02)"
 
 
-@pytest.mark.parametrize("status,wall,factor,after", [
-    ("passed", 25.0, 2.0, "SLOW"),      # 2.5x the declared 10 s
-    ("passed", 20.0, 2.0, "passed"),    # exactly 2x: within
-    ("passed", 25.0, 3.0, "passed"),    # a looser factor
-    ("passed", 250.0, 0.0, "passed"),   # 0: no time check
-    ("FAILED", 25.0, 2.0, "FAILED"),    # a missed target stays FAILED; the reason adds the time
+@pytest.mark.parametrize("status,wall,cpu,factor,after", [
+    ("passed", 25.0, 25.0, 2.0, "SLOW"),      # 2.5x the declared 10 s, on the clock and in CPU seconds
+    ("passed", 25.0, 15.0, 2.0, "passed"),    # a busy machine: the clock stretched, the CPU seconds did not
+    ("passed", 15.0, 40.0, 2.0, "passed"),    # more threads: CPU seconds add up, the clock is fine
+    ("passed", 20.0, 20.0, 2.0, "passed"),    # exactly 2x: within
+    ("passed", 25.0, 25.0, 3.0, "passed"),    # a looser factor
+    ("passed", 250.0, 250.0, 0.0, "passed"),  # 0: no time check
+    ("FAILED", 25.0, 25.0, 2.0, "FAILED"),    # a missed target stays FAILED; the reason adds the time
 ])
-def test_a_run_slower_than_twice_its_declaration_is_slow(status, wall, factor, after):
+def test_a_run_slower_than_twice_its_declaration_is_slow(status, wall, cpu, factor, after):
     exp = Expectation(metric="val_loss", mode="min", target=1.9, tolerance=0.0, device="cpu", wall_time_s=10.0,
                       measured_on="the reference machine")
-    result = Result("r", "full", status, wall_s=wall, reason="missed" if status == "FAILED" else "")
+    result = Result("r", "full", status, wall_s=wall, cpu_s=cpu, reason="missed" if status == "FAILED" else "")
     judge_time(result, exp, factor)
     assert result.status == after and result.declared_s == 10.0 and result.measured_on == "the reference machine"
-    if wall > factor * 10.0 and factor:
-        assert f"took {wall:.0f} s, {wall / 10:.1f}x the 10 s it declares (limit {factor:g}x" in result.reason
+    if factor and min(wall, cpu) > factor * 10.0:
+        assert f"took {wall:.0f} s ({cpu:.0f} CPU s), {min(wall, cpu) / 10:.1f}x the 10 s it declares " \
+               f"(limit {factor:g}x" in result.reason
         assert "the reference machine" in result.reason and this_machine() in result.reason
     else:
         assert "declares" not in result.reason
@@ -60,7 +63,7 @@ def test_a_run_slower_than_twice_its_declaration_is_slow(status, wall, factor, a
 
 def test_no_declared_time_no_time_check():
     exp = Expectation(metric="val_loss", mode="min", target=1.9, tolerance=0.0, device="cpu")
-    result = Result("r", "full", "passed", wall_s=1e6)
+    result = Result("r", "full", "passed", wall_s=1e6, cpu_s=1e6)
     judge_time(result, exp, 2.0)
     assert result.status == "passed" and result.declared_s is None
 
@@ -135,7 +138,7 @@ def test_missed_target_and_crash_are_reported(mnist_root, tmp_path):
                          "expect.short.target=1000", "++expect.short.wall_time_s=0.5", f"--out={tmp_path / 's'}")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     (row,) = report["results"]
-    assert row["status"] == "SLOW" and row["declared_s"] == 0.5 and row["wall_s"] > 1.0
+    assert row["status"] == "SLOW" and row["declared_s"] == 0.5 and min(row["wall_s"], row["cpu_s"]) > 1.0
     assert "x the 0.5 s it declares (limit 2x" in row["reason"] and report["time_factor"] == 2.0
     assert "SLOW" in proc.stdout and "0.5 s" in proc.stdout and f"this machine: {this_machine()}" in proc.stdout
     # A run that cannot start: error with the reason from its log; the next recipe still runs.
