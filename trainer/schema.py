@@ -136,11 +136,12 @@ device_spec = Spec(lambda v: isinstance(v, str) and bool(DEVICE_RE.match(v)), "a
 
 def _short_ok(v: Any) -> bool:
     """expect.short: the quick version of a recipe (overrides) and what it must reach; its numbers follow the
-    same rules as expect.target / tolerance / measured."""
+    same rules as expect.target / tolerance / measured / wall_time_s."""
     return (isinstance(v, dict) and {"overrides", "target"} <= set(v) <= {"overrides", "target", "tolerance",
-                                                                           "measured"}
+                                                                           "measured", "wall_time_s"}
             and isinstance(v["overrides"], list) and all(isinstance(o, str) and "=" in o for o in v["overrides"])
-            and num()(v["target"]) and num(0)(v.get("tolerance", 0)) and num(nullable=True)(v.get("measured")))
+            and num()(v["target"]) and num(0)(v.get("tolerance", 0)) and num(nullable=True)(v.get("measured"))
+            and num(0, lo_open=True, nullable=True)(v.get("wall_time_s")))
 
 
 # trainer.seed: torch generators take seeds in [-2**63, 2**64) (ValueError beyond), and the samplers seed theirs
@@ -215,8 +216,10 @@ RULES: list[tuple[str, Spec]] = [
     ("expect.tolerance", num(0)),
     ("expect.device", one_of("cpu", "cuda", "any")),
     ("expect.measured", num(nullable=True)),
+    ("expect.wall_time_s", num(0, lo_open=True, nullable=True)),  # seconds, `python train.py recipe=...` end to end
+    ("expect.measured_on", text(nullable=True)),  # the machine the figures were measured on
     ("expect.short", Spec(_short_ok, "a mapping {overrides: [key=value, ...], target: number, "
-                                                   "tolerance: number >= 0, measured: number or null}")),
+                                     "tolerance: number >= 0, measured: number or null, wall_time_s: seconds > 0}")),
     # optimizer (and nested ones: optimizer.inner for lookahead)
     ("optimizer*.lr", POS),
     ("optimizer*.betas", pair(UNIT)),
@@ -230,6 +233,7 @@ RULES: list[tuple[str, Spec]] = [
     ("optimizer*.alpha", num(0, 1)),  # RMSprop smoothing; Lookahead also needs > 0 (its own check)
     ("optimizer*.k", POS_INT),
     ("optimizer*.ns_steps", POS_INT),
+    ("optimizer*.ns_dtype", one_of("auto", "bfloat16", "float32")),
     ("optimizer*.lr_decay", NONNEG),
     ("optimizer*.momentum_decay", NONNEG),
     ("optimizer*.initial_accumulator_value", NONNEG),
@@ -308,6 +312,7 @@ RULES: list[tuple[str, Spec]] = [
     ("task.n_head", POS_INT),
     ("task.n_embd", POS_INT),
     ("task.eval_batches", num(1, integer=True, nullable=True)),
+    ("task.final_whole_split", boolean()),
     ("task.sample_chars", NONNEG_INT),
     ("task.num_pictures", NONNEG_INT),
     ("task.bias", boolean()),

@@ -2,7 +2,8 @@
 
 The recipes run as Hydra multiruns (recipe=a,b,...), grouped by the few overrides a 2-step CPU run needs: batches
 of 8 (the GPU transformer recipe's 64 x 256 tokens take ~25 s a step on two CPU cores), no torch.compile, a warmup
-of 0 where the schedule has one, one small evaluation batch where the task takes eval_batches (`++`: Hydra checks
+of 0 where the schedule has one, one small evaluation batch where the task takes eval_batches, and that batch's
+figure at the end too (the GPU transformer's whole validation split takes a minute on a CPU) (`++`: Hydra checks
 a multirun's overrides against the config without the swept recipe, which may lack the key)."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _needs(name: str) -> tuple[str, ...]:
     if "warmup" in cfg.schedule:
         extra.append("++schedule.warmup=0")
     if "eval_batches" in cfg.task:  # the char transformers: one small evaluation batch
-        extra += ["++task.eval_batches=1", "++task.eval_batch_size=8"]
+        extra += ["++task.eval_batches=1", "++task.eval_batch_size=8", "++task.final_whole_split=false"]
     return tuple(extra)
 
 
