@@ -221,10 +221,11 @@ def _relative(path: Path, start: Path) -> str:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path,
-            run_main: Callable[[DictConfig, Path, list[str]], dict[str, Any]]) -> float | None:
+            run_main: Callable[[DictConfig, Path, list[str]], dict[str, Any]], summarize: bool = True) -> float | None:
     """One job of a multirun: skip it if the ledger says it finished, else run it and record how it ended.
     Never raises for a failed run (KeyboardInterrupt still stops the sweep); returns the monitored metric
-    (None when the job failed: Optuna records the trial as failed)."""
+    (None when the job failed: Optuna records the trial as failed). `summarize=False` (experiments.compare, which
+    reports by itself): an interrupted job prints no sweep table and no resume hint."""
     run_dir, sweep_dir = Path(run_dir), Path(sweep_dir)
     if cfg.trainer.get("dry_run"):  # nothing trains: no ledger, but one bad job still does not stop the rest
         try:
@@ -272,15 +273,15 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Pat
         status.update(status="failed", exit_code=e.code,
                       error=f"{type(cause).__name__}: {cause}" if isinstance(cause, UserError) else f"exit {e.code}")
         if type(cause).__name__ == "Interrupted":  # SIGINT / SIGTERM: the user stops the sweep, not this job
-            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e)
+            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e, summarize)
     except UserError as e:  # HYDRA_FULL_ERROR=1 lets it through unprinted
         print_error(str(e))
         status.update(status="failed", exit_code=e.exit_code, error=f"{type(e).__name__}: {e}")
         if type(e).__name__ == "Interrupted":
-            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e)
+            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e, summarize)
     except KeyboardInterrupt as e:
         status.update(exit_code=130, error="KeyboardInterrupt")
-        _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e)
+        _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e, summarize)
     except Exception as e:
         text = traceback.format_exc()
         print(text, file=sys.stderr)
@@ -297,16 +298,17 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Pat
 
 
 def _stop_sweep(cfg: DictConfig, run_dir: Path, sweep_dir: Path, ledger: Ledger, key: str, status: dict[str, Any],
-                overrides: list[str], started: float, error: BaseException) -> None:
+                overrides: list[str], started: float, error: BaseException, summarize: bool) -> None:
     """A signal stopped this job: record it as interrupted, print the table so far and how to resume, and end the
     whole sweep (the launcher would otherwise go on with the next job)."""
     status.update(status="interrupted", ended=time.time(), time_s=round(time.time() - started, 2))
     _write_status(run_dir, status)
     ledger.append({"key": key, "status": "interrupted", "overrides": list(overrides), "run_dir": status["run_dir"],
                    "time_s": status["time_s"], "error": status.get("error"), "final": {}})
-    write_summary(sweep_dir, cfg.monitor.metric, cfg.monitor.mode)
-    print(f"sweep interrupted: run the same command with hydra.sweep.dir={sweep_dir} to resume (finished jobs are "
-          "skipped; this one starts again)", file=sys.stderr)
+    if summarize:
+        write_summary(sweep_dir, cfg.monitor.metric, cfg.monitor.mode)
+        print(f"sweep interrupted: run the same command with hydra.sweep.dir={sweep_dir} to resume (finished jobs "
+              "are skipped; this one starts again)", file=sys.stderr)
     code = error.code if isinstance(error, SystemExit) else getattr(error, "exit_code", 130)
     raise SystemExit(code) from None
 
