@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from experiments.compare import probe as probing
 from experiments.compare import report
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             estimate(plan, console, args.jobs, threads)
             return 0
     except UserError as e:
-        print_error(str(e))
+        print_error(escape(str(e)))
         return e.exit_code
     except KeyboardInterrupt:
         return 130
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt):
         runner.close()
         done = sum(e["status"] == "finished" for e in runner.ledger.entries().values())
-        print_error(f"interrupted. {done} trials are finished in {runner.ledger.path}; a trial that was running "
-                    f"starts again from the beginning. Continue with the same command:\n  {shlex.join(command)}")
+        print_error(escape(f"interrupted. {done} trials are finished in {runner.ledger.path}; a trial that was "
+                           "running starts again from the beginning. Continue with the same command:\n  "
+                           + shlex.join(command)))
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -72,7 +72,7 @@ class Plan:
     mode: str
     test_metric: str  # reported at the end only, when the task scores a test set
     command: list[str] = field(default_factory=list)
-    user_lr: str | None = None  # optimizer.lr=... on the command line: every option's "default"
+    user_lr: str | None = None  # optimizer.lr=... on the command line: every option's "default" (grid centre)
 
     @property
     def rungs(self) -> tuple[int, ...]:
@@ -242,10 +242,13 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
             continue
         override = f"{axis}={value}"
         line = [override if a == _AXIS else a for a in shared]
-        for p in unknown_keys(line):
+        unknown = unknown_keys(line)
+        for p in unknown:
             add(p)
+        if unknown:
+            continue  # composing would only fail on the same key
         try:
-            cfg = compose(line + [f"{k}={v}" for k, v in user.items() if k != LR_KEY])
+            cfg = compose(line + [f"{k}={v}" for k, v in user.items()])
         except HydraException as e:
             add(f"{override}: {str(e).splitlines()[0]}")
             continue
@@ -274,10 +277,6 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
                           + "\n".join(f"  {x}" for x in found))
 
     base = next(o for o in options if o.label == (baseline or values[0]))
-    if user.get(LR_KEY) is not None:  # one LR for every option: the grid is relative to it
-        _, lr_value = parse_override(f"{LR_KEY}={user[LR_KEY]}")
-        for o in options:
-            o.default_lr = float(lr_value)
     metric, mode = monitors.pop()
     budget, steps_per_epoch = _budget(base.cfg)
     if budget < 9 and not screen:

@@ -2,22 +2,24 @@
 
 Every trial is an ordinary run directory in one sweep directory (`<out>/trials`, or `--trials`) whose ledger
 (experiments/sweep.py) keys it by its overrides and resolved config, so by its option, seed, rung budget and tuned
-values too. A trial the ledger holds as finished is read back, never run again: an interrupted compare continues
-where it stopped, and comparisons sharing `--trials` share every identical trial. There is no second ledger.
+values too. A trial the ledger holds as finished, or as stopped by a non-finite loss (diverged: a result of its
+setting, not an accident), is read back, never run again: an interrupted compare continues where it stopped, and
+comparisons sharing `--trials` share every identical trial. Other failures and interrupted trials run again, as in
+a sweep. There is no second ledger.
 
-The others run in `--jobs` worker processes, each running trial after trial in-process through
-`experiments.sweep.run_job`, the path a sweep's job takes (status.json, failure isolation, the ledger line), so the
-interpreter and imports are paid once per worker rather than once per trial. A trial runs in
+The others run through `experiments.sweep.run_job`, the path a sweep's job takes (status.json, failure isolation,
+the ledger line): with `--jobs 1` in this process, else in `--jobs` worker processes that each run trial after
+trial, so the interpreter and imports are paid once per worker rather than once per trial. A trial runs in
 `<trials>/<name>-<hash of its ledger key>` with its output in `train.log` there, and with sys.argv set to its own
 train.py command line, so its manifest and the trainer's messages name the command that reproduces it.
 
-Threads: each worker gives torch its share of the cores (cores // jobs). The share is how a trial runs, not what
-it is: it stays out of the config (a different --jobs reuses the cache), and the command that reproduces a trial
-carries it as OMP_NUM_THREADS.
+Threads: a trial gets its share of the cores (cores // jobs) as torch's intra-op threads. The share is how a
+trial runs, not what it is: it stays out of the config (a different --jobs reuses the cache), and the command that
+reproduces a trial carries the threads it ran with as OMP_NUM_THREADS (trial.json in its directory).
 
-Ctrl-C: workers run in their own session, so the terminal's SIGINT reaches only compare, which sends each busy
-worker one SIGINT: its run finishes the step in progress and is recorded as interrupted (it runs again from the
-start next time). Compare waits for them and raises Interrupted.
+Ctrl-C: the run in progress finishes its step and is recorded as interrupted (it runs again from the start next
+time), then Interrupted is raised. Workers run in their own session, so the terminal's SIGINT reaches only
+compare, which sends each busy worker one SIGINT and waits for them.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class Trial:
     lr: float | None = None
 
     def command(self, threads: int) -> str:
-        return f"OMP_NUM_THREADS={threads} " + shlex.join(["python", "train.py", *self.overrides])
+        """The command that reproduces this trial: with the threads it ran with (trial.json), else `threads`."""
+        with contextlib.suppress(OSError, json.JSONDecodeError, KeyError):
+            return json.loads((self.run_dir / "trial.json").read_text())["command"]
+        return command(self.overrides, threads)
 
 
 def _slug(text: str) -> str:
@@ -85,7 +90,8 @@ def make_trial(plan: Plan, option: Option, trials_dir: Path, phase: str, steps: 
     if phase == "seed":
         name += f"{seed}"
     elif isinstance(lr, (int, float)):
-        name += f"-lr{lr:.3g}" + "".join(f"-{_slug(k.split('.')[-1])}{_slug(v)}" for k, v in point.extra)
+        extra = point.extra if point else ()
+        name += f"-lr{lr:.3g}" + "".join(f"-{_slug(k.split('.')[-1])}{_slug(v)}" for k, v in extra)
     return Trial(option.label, phase, steps, seed, overrides, cfg, key, trials_dir / f"{name}-{key_hash(key)}",
                  point, float(lr) if isinstance(lr, (int, float)) else None)
 
@@ -132,6 +138,11 @@ class Result:
         return curve
 
 
+def _diverged(error: str) -> bool:
+    """A run stopped by a non-finite loss (trainer.loop.NonFiniteError): a result of its setting, not an accident."""
+    return "NonFinite" in error or "non-finite" in error
+
+
 def read_result(trial: Trial, ledger: Ledger, metric: str, cached: bool) -> Result:
     """How a trial ended, from the ledger and its run directory."""
     entry = ledger.entries().get(trial.key)
@@ -139,8 +150,7 @@ def read_result(trial: Trial, ledger: Ledger, metric: str, cached: bool) -> Resu
         return Result(trial, "interrupted", None, {}, "did not end", cached)
     error = entry.get("error") or ""
     if entry["status"] == "failed":
-        diverged = "NonFinite" in error or "non-finite" in error
-        return Result(trial, "diverged" if diverged else "failed", None, {}, error, cached)
+        return Result(trial, "diverged" if _diverged(error) else "failed", None, {}, error, cached)
     if entry["status"] != "finished":
         return Result(trial, entry["status"], None, {}, error, cached)
     try:
@@ -175,14 +185,18 @@ def _output_to(path: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def execute(cfg: DictConfig, overrides: list[str], run_dir: Path, sweep_dir: Path) -> bool:
-    """Run one trial in this process as a sweep job; False when a signal interrupted it (recorded in the ledger)."""
+def execute(cfg: DictConfig, overrides: list[str], run_dir: Path, sweep_dir: Path, threads: int) -> bool:
+    """Run one trial in this process as a sweep job; False when a signal interrupted it (recorded in the ledger).
+    `trial.json` in the run directory records the command with the threads it ran with."""
+    import torch
+
     from experiments.sweep import run_job
     from trainer.run import main as run_main
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = sys.argv
+    argv, previous = sys.argv, torch.get_num_threads()
     sys.argv = ["train.py", *overrides]
+    torch.set_num_threads(threads)
     try:
         with _output_to(run_dir / "train.log"):
             run_job(cfg, run_dir, [o for o in overrides if not o.startswith("hydra.")], sweep_dir, run_main,
@@ -191,14 +205,17 @@ def execute(cfg: DictConfig, overrides: list[str], run_dir: Path, sweep_dir: Pat
         return False
     finally:
         sys.argv = argv
+        torch.set_num_threads(previous)
+    (run_dir / "trial.json").write_text(json.dumps({"threads": threads, "command": command(overrides, threads)}))
     return True
 
 
-def _worker(conn: multiprocessing.connection.Connection, threads: int) -> None:
-    os.setsid()  # the terminal's Ctrl-C goes to compare alone; compare passes one SIGINT on to a busy worker
-    import torch
+def command(overrides: list[str], threads: int) -> str:
+    return f"OMP_NUM_THREADS={threads} " + shlex.join(["python", "train.py", *overrides])
 
-    torch.set_num_threads(threads)
+
+def _worker(conn: multiprocessing.connection.Connection) -> None:
+    os.setsid()  # the terminal's Ctrl-C goes to compare alone; compare passes one SIGINT on to a busy worker
     with contextlib.suppress(KeyboardInterrupt, EOFError, BrokenPipeError):
         while (job := conn.recv()) is not None:
             ok = execute(*job)
@@ -228,8 +245,11 @@ class Runner:
         self.dir.mkdir(parents=True, exist_ok=True)
         results: dict[int, Result] = {}
         todo = deque()
+        entries = self.ledger.entries()
         for i, trial in enumerate(trials):
-            if self.ledger.finished(trial.key):
+            entry = entries.get(trial.key, {})
+            diverged = entry.get("status") == "failed" and _diverged(entry.get("error") or "")
+            if diverged or self.ledger.finished(trial.key):  # a diverged trial is a result, not something missing
                 results[i] = read_result(trial, self.ledger, self.metric, cached=True)
             else:
                 todo.append(i)
@@ -243,12 +263,22 @@ class Runner:
     def _launch(self, trials: list[Trial], todo: deque, results: dict[int, Result]) -> None:
         total, done = len(todo), 0
         try:
+            while self.jobs == 1 and todo:  # one job: in this process, no worker to start
+                i = todo.popleft()
+                t, start = trials[i], time.perf_counter()
+                ok = execute(t.cfg, t.overrides, t.run_dir, self.dir, self.threads)
+                results[i] = r = read_result(t, self.ledger, self.metric, cached=False)
+                if not ok or r.status == "interrupted":
+                    raise KeyboardInterrupt
+                done += 1
+                self.ran += 1
+                self._report(r, done, total, time.perf_counter() - start)
             while todo or any(w.index is not None for w in self.workers):
                 while todo and (idle := self._idle()) is not None:
                     i = todo.popleft()
                     t = trials[i]
                     idle.index, idle.started = i, time.perf_counter()
-                    idle.conn.send((t.cfg, t.overrides, t.run_dir, self.dir))
+                    idle.conn.send((t.cfg, t.overrides, t.run_dir, self.dir, self.threads))
                 busy = [w for w in self.workers if w.index is not None]
                 for conn in multiprocessing.connection.wait([w.conn for w in busy], timeout=5.0):
                     w = next(w for w in busy if w.conn is conn)
@@ -289,9 +319,12 @@ class Runner:
         return None
 
     def _spawn(self) -> _Worker:
-        ctx = multiprocessing.get_context("spawn")
+        # Workers fork from a fresh server process that imported what a trial needs once (torch._dynamo alone takes
+        # seconds); forking compare itself is unsafe once torch's thread pools run, spawning pays the imports twice.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["experiments.compare.runs", "trainer.run", "trainer.validate", "torch._dynamo"])
         ours, theirs = ctx.Pipe()
-        process = ctx.Process(target=_worker, args=(theirs, self.threads), daemon=True)
+        process = ctx.Process(target=_worker, args=(theirs,), daemon=True)
         process.start()
         theirs.close()
         return _Worker(process, ours)

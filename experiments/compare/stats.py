@@ -31,10 +31,12 @@ median over seeds, the hit rate, and the speed-up over the baseline (baseline me
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 ALPHA = 0.05
@@ -74,17 +76,29 @@ class Paired:
     p: float  # two-sided, before the correction
 
 
+def paired_p(option: ArrayLike, baseline: ArrayLike) -> np.ndarray:
+    """Two-sided p-values of the paired t-test along the last axis (one comparison per row). Pairs without spread:
+    1 when every difference is 0 (identical runs), 0 for a constant non-zero shift."""
+    x, y = np.asarray(option, dtype=float), np.asarray(baseline, dtype=float)
+    d = x - y
+    flat = np.all(d == d[..., :1], axis=-1)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # 0/0 on the rows replaced below
+        p = stats.ttest_rel(x, y, axis=-1).pvalue
+    return np.where(flat, np.where(d[..., 0] == 0, 1.0, 0.0), p)
+
+
 def paired_test(option: Sequence[float], baseline: Sequence[float]) -> Paired:
     x, y = np.asarray(option, dtype=float), np.asarray(baseline, dtype=float)
     d = x - y
     n = len(d)
     if n < 2:
         return Paired(n, float(d.mean()) if n else math.nan, math.nan, math.nan, math.nan)
-    if np.all(d == d[0]):  # no spread: t is 0/0 (identical runs) or +-inf (a constant shift)
-        return Paired(n, float(d[0]), float(d[0]), float(d[0]), 1.0 if d[0] == 0 else 0.0)
-    res = stats.ttest_rel(x, y)
-    ci = res.confidence_interval(CONFIDENCE)
-    return Paired(n, float(d.mean()), float(ci.low), float(ci.high), float(res.pvalue))
+    p = float(paired_p(x, y))
+    if np.all(d == d[0]):  # no spread: the interval is the point
+        return Paired(n, float(d[0]), float(d[0]), float(d[0]), p)
+    ci = stats.ttest_rel(x, y).confidence_interval(CONFIDENCE)
+    return Paired(n, float(d.mean()), float(ci.low), float(ci.high), p)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

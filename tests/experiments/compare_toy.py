@@ -1,10 +1,11 @@
 """A tiny task for testing experiments.compare in seconds: linear regression on fixed synthetic data.
 
-y = x.w* + noise with x ~ N(0, I) in `dim` dimensions, drawn once from `data_seed` (never from trainer.seed), split
-into train / validation / test. The model is one Linear layer, so its initial weights and the batch order are what
-trainer.seed decides. The per-sample loss is the squared error; with SGD it diverges (overflows) for a learning rate
-much above 1 / (largest Hessian eigenvalue), and Adam-like steps never do. Metrics: val_loss (mean squared error on
-the validation split) at every evaluation, test_loss once at the end.
+y = x.w* + noise with x ~ N(0, scale^2 I) in `dim` dimensions, drawn once from `data_seed` (never from
+trainer.seed), split into train / validation / test. The model is one Linear layer, so its initial weights and the
+batch order are what trainer.seed decides. The per-sample loss is the squared error; with SGD it diverges
+(overflows) for a learning rate much above 1 / (largest Hessian eigenvalue, which grows as scale^2), and Adam-like
+steps never do. Metrics: val_loss (mean squared error on the validation split) at every evaluation, test_loss once
+at the end.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from tasks.base import Task
 
 class Regression(Task):
     def __init__(self, dim: int = 8, train_size: int = 256, val_size: int = 64, test_size: int = 64,
-                 batch_size: int = 16, noise: float = 0.3, data_seed: int = 1234) -> None:
+                 batch_size: int = 16, noise: float = 0.3, scale: float = 1.0, data_seed: int = 1234) -> None:
         self.dim, self.size, self.val_size, self.test_size = dim, train_size, val_size, test_size
+        self.scale = scale
         self.batch_size, self.noise, self.data_seed = batch_size, noise, data_seed
 
     def setup(self, device: torch.device) -> None:
         g = torch.Generator().manual_seed(self.data_seed)
         n = self.size + self.val_size + self.test_size
-        x = torch.randn(n, self.dim, generator=g)
+        x = self.scale * torch.randn(n, self.dim, generator=g)
         w = torch.randn(self.dim, 1, generator=g)
         y = x @ w + self.noise * torch.randn(n, 1, generator=g)
         x, y = x.to(device), y.to(device)
