@@ -40,8 +40,8 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
 
     def config(steps: int):
         cfg = plan.config(option, plan.overrides(option, steps, plan.tuning_seed, None if plan.screen else 0.0))
-        with open_dict(cfg):
-            cfg.trainer.update(eval_interval=0, progress="off", pictures=False, checkpoint_interval=0,
+        with open_dict(cfg):  # one evaluation, at the end (early stopping and plateau schedules want one)
+            cfg.trainer.update(eval_interval=steps, progress="off", pictures=False, checkpoint_interval=0,
                                histogram_interval=0)
         return cfg
 
