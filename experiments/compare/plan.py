@@ -11,7 +11,9 @@ validator (trainer/validate.py) before anything runs: all problems of all option
 A trial's command line is the user's overrides with the option, then the protocol's keys: `trainer.max_steps`
 (its rung's length), `trainer.seed`, the tuned `optimizer.lr` and `--tune` keys, and (unless the user set them)
 `trainer.eval_interval` in steps of the full run, so every option and every rung is evaluated at the same steps,
-plus `trainer.checkpoint_interval=0 trainer.pictures=false trainer.histogram_interval=0` (nothing compare reads).
+plus `trainer.checkpoint_interval=0 trainer.pictures=false trainer.histogram_interval=0` (nothing compare reads),
+and the option's schedule durations written in steps or epochs as fractions of the full run (scaled_schedule), so
+that every rung trial is a scaled copy of the full run.
 Trial configs are the option's composed config with these keys set through the same override parser Hydra uses,
 which gives the same config (and ledger key) as composing the whole command line (tests check it) at a fraction
 of the cost.
@@ -52,6 +54,7 @@ class Option:
     override: str  # "optimizer=lion"
     cfg: DictConfig  # composed as train.py would
     default_lr: float | None
+    scaled: list[str] = field(default_factory=list)  # its schedule's step/epoch durations as fractions of the run
 
 
 @dataclass
@@ -95,7 +98,7 @@ class Plan:
                   extra: tuple[tuple[str, str], ...] = ()) -> list[str]:
         """The train.py command line of one trial."""
         args = [option.override if a == _AXIS else a for a in self.shared]
-        args += self.protocol + [f"trainer.max_steps={steps}", f"trainer.seed={seed}"]
+        args += self.protocol + option.scaled + [f"trainer.max_steps={steps}", f"trainer.seed={seed}"]
         if lr_k is not None:
             args.append(f"{LR_KEY}={format_lr(option.default_lr * lr_multiplier(lr_k))}")
         elif self.user_lr is not None:
@@ -207,6 +210,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         add(f"--seeds {seeds}: the paired test needs at least 2 seeds per option (--screen runs 1)")
     if baseline is not None and baseline not in values:
         add(f"--baseline {baseline}: not one of the options ({', '.join(values)})")
+    if axis in ("trainer.max_steps", "trainer.seed"):
+        add(f"{axis}: compare sets it for every trial (the rung's budget, the paired seeds); compare something else")
     if axis == LR_KEY and not screen:
         add(f"{axis}: the learning rate is what compare tunes for every option; compare something else, or use "
             "--screen to run these values as they are")
@@ -283,6 +288,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         raise ConfigError(f"a full run is {budget} steps: successive halving needs at least 9 (rungs of 1/9 and "
                           "1/3 of the budget); raise trainer.max_steps or trainer.max_epochs")
     eval_every, protocol = _cadence(shared, base.cfg, budget, steps_per_epoch, evals)
+    for o in options:
+        o.scaled = scaled_schedule(o.cfg, budget, steps_per_epoch)
     seed0 = int(user.get("trainer.seed", base.cfg.trainer.seed))
     return Plan(axis=axis, options=options, baseline=base, shared=shared, protocol=protocol, budget=budget,
                 steps_per_epoch=steps_per_epoch, eval_every=eval_every, tune=tuned,
@@ -319,3 +326,38 @@ def _cadence(shared: list[str], cfg: DictConfig, budget: int, steps_per_epoch: i
     protocol = [f"trainer.eval_interval={every}"]
     protocol += [f"{k}={v}" for k, v in ECONOMY.items() if k not in given]
     return every, protocol
+
+
+SCHEDULE_DURATIONS = ("warmup", "cooldown", "cycle_warmup", "cycle", "every", "step_size", "milestones")
+
+
+def scaled_schedule(cfg: DictConfig, budget: int, steps_per_epoch: int) -> list[str]:
+    """The schedule's durations written in steps or epochs (`warmup: 100`, `every: 1ep`), as fractions of the full
+    run, so that a rung trial of 1/9 of the budget is a scaled copy of the full run (warmup 100 of 900 steps: 11
+    of 100) instead of a run that never leaves its warmup. The full run itself does not change. Fractions and
+    percentages already scale; plateau's cooldown counts evaluations and stays."""
+    from schedules import Horizon
+
+    node = cfg.get("schedule")
+    if not isinstance(node, DictConfig):
+        return []
+    plateau = "plateau" in str(node.get("_target_", ""))
+    horizon = Horizon(budget, steps_per_epoch)
+
+    def fraction(v: Any) -> Any:
+        absolute = (isinstance(v, int) and not isinstance(v, bool) and v > 0) or (
+            isinstance(v, str) and v.strip().endswith("ep"))
+        return repr(horizon.steps(v) / budget) if absolute else None
+
+    out = []
+    for key in SCHEDULE_DURATIONS:
+        if plateau and key == "cooldown":  # evaluations, not steps
+            continue
+        v = OmegaConf.select(node, key, default=None)
+        if isinstance(v, (list, tuple)) or OmegaConf.is_list(v):
+            parts = [fraction(x) for x in v]
+            if any(p is not None for p in parts):
+                out.append(f"schedule.{key}=[{','.join(p if p is not None else str(x) for p, x in zip(parts, v))}]")
+        elif (f := fraction(v)) is not None:
+            out.append(f"schedule.{key}={f}")
+    return out

@@ -211,6 +211,25 @@ def test_trial_configs_are_what_the_full_command_line_composes():
         assert fast.optimizer.lr == pytest.approx(option.default_lr * 10 ** -1.25, rel=1e-2)
 
 
+def test_rung_trials_are_scaled_copies_of_the_full_run():
+    """A warmup of 100 steps in a 900-step run is 0.111 of it: 11 steps in a rung-0 trial of 100, 100 in the full
+    run; fractions already scale; a plateau schedule's cooldown counts evaluations and stays."""
+    from schedules import Horizon
+
+    plan = build_plan(["schedule=cosine_warmup,plateau", *TOY, "trainer.max_steps=900", "schedule.warmup=100"],
+                      seeds=2, screen=False, baseline=None, tune=[], evals=10, command=[])
+    assert {o.label: o.scaled for o in plan.options} == {"cosine_warmup": [f"schedule.warmup={100 / 900!r}"],
+                                                         "plateau": [f"schedule.warmup={100 / 900!r}"]}
+    cosine = plan.options[0]
+    for steps, warmup in ((100, 11), (300, 33), (900, 100)):
+        cfg = plan.config(cosine, plan.overrides(cosine, steps, 0, 0.0))
+        assert Horizon(steps, plan.steps_per_epoch).steps(cfg.schedule.warmup) == warmup
+    plan = build_plan(["optimizer=sgd,adam", *TOY, "trainer.max_steps=900", "schedule=multistep",
+                       "schedule.milestones=[300,0.9]"], seeds=2, screen=False, baseline=None, tune=[], evals=10,
+                      command=[])
+    assert plan.options[0].scaled == [f"schedule.milestones=[{300 / 900!r},0.9]"]
+
+
 @pytest.mark.parametrize(("args", "messages"), [
     (["optimizer=adamw,adamx", "trainer.max_stepz=3", "--seeds", "1"],
      ["optimizer=adamx: no such option in conf/optimizer/; did you mean 'adam'?",
@@ -225,6 +244,7 @@ def test_trial_configs_are_what_the_full_command_line_composes():
     (["optimizer=adamw,lion", *TOY, "optimizer.lr=-1"], ["optimizer.lr=-1"]),
     (["optimizer=adamw,lion", *TOY, "--tune", "regularize.weight_decya=0,1"], ["has no key regularize.weight_decya"]),
     (["optimizer=adamw,lion", *TOY, "trainer.max_steps=5"], ["successive halving needs at least 9"]),
+    (["trainer.seed=1,2", *TOY], ["trainer.seed: compare sets it for every trial"]),
 ])
 def test_bad_input_is_a_clear_message(args, messages, tmp_path):
     result = run_main([*args, "--out", str(tmp_path)])
