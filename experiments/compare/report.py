@@ -300,11 +300,15 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
         lines += ["**SCREENING**: every option at its default settings, no tuning"
                   + (", one seed: no statistics, no verdict." if len(plan.seeds) < 2 else "."), ""]
     git = meta["git"]
+    has_test = any(plan.test_metric in r.final for rs in finals.values() for r in rs)
+    test_words = (f"`{plan.test_metric}` is reported at the end only, never used to choose" if has_test else
+                  "the task scores no test set")
+    n = len(plan.seeds)
     lines += [
-        f"Task `{task}`, selection and time to target on `{m}` ({mode}); `{plan.test_metric}` is reported at the "
-        "end only, never used to choose.", "",
+        f"Task `{task}`, selection and time to target on `{m}` ({mode}); {test_words}.", "",
         f"- command: `{meta['command']}`",
-        f"- git: {git.get('commit') or 'unknown'}{' (dirty working tree)' if git.get('dirty') else ''}; "
+        f"- git: {git.get('commit') or 'unknown (not run from a git checkout)'}"
+        f"{' (dirty working tree)' if git.get('dirty') else ''}; "
         f"shared config hash `{meta['shared_config_hash']}` (the baseline's resolved config without the axis, "
         "seed, budget and tuned keys)",
         f"- {meta['date']}, {meta['host']} ({meta['cpus']} CPUs), {meta['jobs']} job(s) x {threads} thread(s); "
@@ -329,9 +333,9 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
         "paired: seed k gives every option the same initial weights where the models are identical, and the same "
         "data order)",
         f"- statistics: mean, std and 95% t-interval over seeds; paired t-test against "
-        f"`{plan.baseline.label}` over seeds (Wilcoxon's signed-rank test cannot reach p < 0.05 with 5 pairs), "
-        "Holm-corrected across options; P(better) is the probability that a random run of the option beats one of "
-        "the baseline (Mann-Whitney U / nm); verdict at alpha = 0.05",
+        f"`{plan.baseline.label}` over seeds (Wilcoxon's signed-rank test could not go below p = {2 / 2 ** n:.3g} "
+        f"with {n} pairs), Holm-corrected across options; P(better) is the probability that a random run of the "
+        "option beats one of the baseline (Mann-Whitney U / nm); verdict at alpha = 0.05",
         f"- time to target: the first evaluated step at which `{m}` reaches {num(a.target, 5)} ({a.target_source}); "
         f"seconds: {a.seconds_source}; a miss counts as never",
         "", "## Results", "",
