@@ -183,8 +183,11 @@ def _verdict_style(v: str) -> str:
     return {"better": "green", "worse": "red", "baseline": "bold"}.get(v, "")
 
 
-def speedup_text(v: float) -> str:
-    return "-" if math.isnan(v) else f"{num(v, 3)}x"
+def speedup_text(r: Row) -> str:
+    """In steps (exact: the same evaluation steps for every option), then in training seconds (this machine)."""
+    if r.baseline or math.isnan(r.speedup_steps):
+        return "-"
+    return f"{num(r.speedup_steps, 3)}x ({num(r.speedup_seconds, 3)}x time)"
 
 
 def print_table(plan: Plan, a: Analysis, console: Console) -> None:
@@ -207,7 +210,7 @@ def print_table(plan: Plan, a: Analysis, console: Console) -> None:
                  *([interval(r.test).split(" [")[0]] if has_test else []), diff_text(r.paired), num(r.p_holm, 2),
                  num(r.p_improve, 2),
                  f"[{_verdict_style(r.verdict)}]{r.verdict}[/]" if _verdict_style(r.verdict) else r.verdict,
-                 steps, secs, hit, "-" if r.baseline else speedup_text(r.speedup_seconds), f"{r.diverged_share:.0%}"]
+                 steps, secs, hit, speedup_text(r), f"{r.diverged_share:.0%}"]
         table.add_row(*cells)
     console.print(table)
     for r in a.rows:
@@ -337,12 +340,13 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
         f"with {n} pairs), Holm-corrected across options; P(better) is the probability that a random run of the "
         "option beats one of the baseline (Mann-Whitney U / nm); verdict at alpha = 0.05",
         f"- time to target: the first evaluated step at which `{m}` reaches {num(a.target, 5)} ({a.target_source}); "
-        f"seconds: {a.seconds_source}; a miss counts as never",
+        f"seconds: {a.seconds_source}; a miss counts as never. The speed-up over the baseline is the ratio of "
+        "median steps (exact), then of median training seconds (as this machine measured them, its load included)",
         "", "## Results", "",
     ]
     head = ["option", "lr (x default)", f"{m} mean ± std [95% CI]", f"{plan.test_metric} mean ± std",
             "Δ vs baseline [95% CI]", "p (Holm)", "P(better)", "verdict", "median steps to target",
-            "median time to target", "hit rate", "speed-up (time)", "diverged (tuning)"]
+            "median time to target", "hit rate", "speed-up", "diverged (tuning)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in a.rows:
         steps, secs, hit = ttt_text(r.ttt)
@@ -350,7 +354,7 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
             f"**{r.option}** (baseline)" if r.baseline else r.option, setting_text(r) + (" ⚑" if r.flag else ""),
             interval(r.val), interval(r.test).split(" [")[0], diff_text(r.paired), num(r.p_holm, 2),
             num(r.p_improve, 2), r.verdict, steps, secs, hit,
-            "-" if r.baseline else speedup_text(r.speedup_seconds), f"{r.diverged_share:.0%}"]) + " |")
+            speedup_text(r), f"{r.diverged_share:.0%}"]) + " |")
     flags = [f"- ⚑ {r.option}: {r.flag}" for r in a.rows if r.flag]
     failures = [f"- {r.option}: {r.final_failures} of {len(plan.seeds)} final runs did not finish (see the runs)"
                 for r in a.rows if r.final_failures]
