@@ -116,9 +116,10 @@ class Plan:
         return cfg
 
     def shared_hash(self) -> str:
-        """A hash of the config every run shares: the baseline's, without the compared axis and the keys the
-        protocol sets per trial (seed, budget of the rung, tuned keys)."""
-        data = OmegaConf.to_container(self.baseline.cfg, resolve=True)
+        """A hash of the config every run shares: the baseline's as composed (interpolations unresolved, so what
+        depends on the axis, or on the machine's data root, does not count), without the compared axis and the keys
+        the protocol sets per trial (seed, budget of the rung, tuned keys)."""
+        data = OmegaConf.to_container(self.baseline.cfg, resolve=False)
         drop = [self.axis, *PROTOCOL_KEYS, *(k for k, _ in self.tune)]
         for key in drop:
             *parents, leaf = key.split(".")

@@ -312,7 +312,7 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
         f"- command: `{meta['command']}`",
         f"- git: {git.get('commit') or 'unknown (not run from a git checkout)'}"
         f"{' (dirty working tree)' if git.get('dirty') else ''}; "
-        f"shared config hash `{meta['shared_config_hash']}` (the baseline's resolved config without the axis, "
+        f"shared config hash `{meta['shared_config_hash']}` (the baseline's composed config without the axis, "
         "seed, budget and tuned keys)",
         f"- {meta['date']}, {meta['host']} ({meta['cpus']} CPUs), {meta['jobs']} job(s) x {threads} thread(s); "
         f"{meta['trials_run']} trials run, {meta['trials_cached']} read from the ledger; {meta['wall_s']:.0f} s",

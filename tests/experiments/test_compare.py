@@ -211,6 +211,18 @@ def test_trial_configs_are_what_the_full_command_line_composes():
         assert fast.optimizer.lr == pytest.approx(option.default_lr * 10 ** -1.25, rel=1e-2)
 
 
+def test_any_key_can_be_the_axis():
+    plan = build_plan(["regularize.weight_decay=0,0.1", *TOY, "optimizer=adamw", "trainer.max_steps=90"], seeds=2,
+                      screen=False, baseline="0.1", tune=[], evals=10, command=[])
+    assert [o.label for o in plan.options] == ["0", "0.1"] and plan.baseline.label == "0.1"
+    for option, wd in zip(plan.options, (0.0, 0.1), strict=True):
+        cfg = plan.config(option, plan.overrides(option, 10, 1, 0.0))
+        assert cfg.regularize.weight_decay == wd == cfg.optimizer.weight_decay  # interpolations follow
+    assert plan.shared_hash() == build_plan(["regularize.weight_decay=0,0.2", *TOY, "optimizer=adamw",
+                                             "trainer.max_steps=90"], seeds=2, screen=False, baseline=None, tune=[],
+                                            evals=10, command=[]).shared_hash()  # the axis is not shared
+
+
 def test_rung_trials_are_scaled_copies_of_the_full_run():
     """A warmup of 100 steps in a 900-step run is 0.111 of it: 11 steps in a rung-0 trial of 100, 100 in the full
     run; fractions already scale; a plateau schedule's cooldown counts evaluations and stays."""
