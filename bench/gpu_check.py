@@ -317,11 +317,13 @@ def _fp16_runs(ctx: Ctx) -> dict[str, list[str]]:
     amp = "amp=fp16" if ctx.cuda else "amp=off"  # CPU: fp16 autocast and GradScaler("cpu") are set by hand
     common = ("trainer.compile=false", amp, f"trainer.max_steps={fp16_steps(ctx)}", "trainer.log_interval=4")
     return {"clean": ctx.overrides(*common), "overflow": ctx.overrides(*common),
-            "bounded": ctx.overrides(*common, "trainer.fp16_max_retries=2", "trainer.nonfinite=raise")}
+            "bounded": ctx.overrides(*common, "trainer.fp16_max_retries=2", "trainer.nonfinite=raise",
+                                  "trainer.max_nonfinite=1")}
 
 
 @check(f"fp16 autocast + GradScaler: {FP16_OVERFLOWS} forced overflows at step {FP16_BAD_STEP} are redone (step and "
-       "schedule do not advance, scale halves each time); past trainer.fp16_max_retries=2 the batch is non-finite",
+       "schedule do not advance, scale halves each time); past trainer.fp16_max_retries=2 the batch is given up as "
+       "non-finite (fatal here: trainer.max_nonfinite=1)",
        lambda ctx: [train_py(o, ctx.work("fp16_grad_scaler") / k) + f"   # {k}" + (
            "" if k == "clean" else f": infinite gradient injected into step {FP16_BAD_STEP}'s attempts")
            + f"; GradScaler(init_scale={FP16_INIT_SCALE:g})"
@@ -352,7 +354,7 @@ def check_fp16_grad_scaler(ctx: Ctx) -> dict[str, Any]:
         raise Failed(f"the loss scale went to {s_hit:g}, expected {s_clean / 2**FP16_OVERFLOWS:g}", figures)
     if "skipped_nonfinite" in hit.final or not math.isfinite(hit.final["val_loss"]):
         raise Failed("a redone overflow counted as non-finite, or the run ended non-finite", figures)
-    try:  # 3 attempts at the batch overflow; fp16_max_retries=2 allows 2 redos
+    try:  # 3 attempts at the batch overflow; fp16_max_retries=2 allows 2 redos, then one non-finite step ends it
         train(runs["bounded"], work / "bounded", tweak=fp16_parts(ctx, overflow_at(set(range(first, first + 3)))))
     except NonFiniteError as e:
         if f"step {FP16_BAD_STEP}" not in str(e) or "3 fp16 attempts" not in str(e):

@@ -222,7 +222,7 @@ def test_diverged_sgd_on_the_vae_exits_nonzero(mnist_root, tmp_path):
     out = run_cli(f"data.root={mnist_root}", "optimizer=sgd", "optimizer.lr=1e37", "trainer.max_steps=1",
                   "trainer.pictures=false", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0  # the weights are huge but finite; the forward pass overflows
-    assert "final metric test_loss is nan" in out.stderr and "Traceback" not in out.stderr
+    assert "final metric val_loss is nan (val_loss=nan, test_loss=nan)" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "final_metrics.json").exists()
 
 

@@ -317,8 +317,8 @@ HOSTILE = [
     ("task=mnist_cnn norm=batchnorm trainer.grad_accum=128",
      ["trainer.grad_accum=128", "a smaller trainer.grad_accum"]),
     # a metric the task does not produce, or watched the wrong way round
-    ("early_stop=on early_stop.monitor=val_acc", ["early_stop.monitor='val_acc'", "early_stop.monitor=test_loss"]),
-    ("early_stop=on monitor.metric=val_acc", ["monitor.metric='val_acc'", "monitor.metric=test_loss"]),
+    ("early_stop=on early_stop.monitor=val_acc", ["early_stop.monitor='val_acc'", "early_stop.monitor=val_loss"]),
+    ("early_stop=on monitor.metric=val_acc", ["monitor.metric='val_acc'", "monitor.metric=val_loss"]),
     ("monitor.metric=test_acc", ["monitor.metric='test_acc'", "monitor.metric=test_loss"]),
     ("task=char_transformer schedule=plateau schedule.monitor=val_los",
      ["schedule.monitor='val_los'", "did you mean 'val_loss'?"]),
@@ -326,8 +326,8 @@ HOSTILE = [
      ["early_stop.monitor='test_acc'", "once, at the end", "early_stop.monitor=val_acc"]),
     ("task=mnist_cnn monitor.metric=val_loss", ["monitor.mode='max'", "val_loss", "monitor.mode=min"]),
     ("task=mnist_cnn early_stop=on early_stop.mode=min", ["early_stop.mode='min'", "val_acc", "early_stop.mode=max"]),
-    ("schedule=plateau schedule.mode=max", ["schedule.mode='max'", "test_loss", "schedule.mode=min"]),
-    ("recipe=mnist_vae expect.metric=val_loss", ["expect.metric='val_loss'", "expect.metric=test_loss"]),
+    ("schedule=plateau schedule.mode=max", ["schedule.mode='max'", "val_loss", "schedule.mode=min"]),
+    ("recipe=mnist_vae expect.metric=val_acc", ["expect.metric='val_acc'", "expect.metric=test_loss"]),
     ("recipe=mnist_cnn expect.mode=min", ["expect.mode='min'", "test_acc", "expect.mode=max"]),
     # lookahead inside lookahead: the wrappers share param groups (one step counter, the outer k/alpha ignored)
     ("optimizer=lookahead optimizer@optimizer.inner=lookahead",
@@ -380,9 +380,9 @@ ODD = [
      "trainer.eval_interval=5000 is 5000 steps, longer than the run (100 steps): the run does not evaluate before "
      "its end, so early stopping can never stop it"),
     ("schedule=plateau trainer.max_steps=100",
-     "trainer.eval_interval='1ep' is 468 steps, longer than the run (100 steps): the run does not evaluate before "
+     "trainer.eval_interval='1ep' is 429 steps, longer than the run (100 steps): the run does not evaluate before "
      "its end, so reduce-on-plateau can never lower the learning rate"),
-    ("schedule=plateau trainer.eval_interval=1.0", "trainer.eval_interval=1.0 is 4680 steps, the whole run"),
+    ("schedule=plateau trainer.eval_interval=1.0", "trainer.eval_interval=1.0 is 4290 steps, the whole run"),
     ("early_stop=on trainer.max_steps=400 trainer.eval_interval=100 early_stop.patience=5",
      "early_stop.patience=5: the run evaluates 3 times before its end"),
     ("schedule=plateau trainer.max_steps=400 trainer.eval_interval=100 schedule.patience=2",
@@ -471,7 +471,8 @@ def test_tasks_declare_what_they_evaluate_and_which_norms_they_take(tmp_path, mo
         model = task.build_model()
         assert set(task.evaluate(model)) == set(evals), cls
         final = task.final_metrics(model) if hasattr(task, "final_metrics") else {}
-        assert set(final) == set(tests), cls
+        # final_metrics adds the test metrics; it may also rescore an evaluation metric (the char-GPT's whole split)
+        assert set(final) - set(evals) == set(tests), cls
         assert set(evals.values()) | set(tests.values()) <= {"min", "max"}
         for kind in KINDS:  # a declared norm trains; an undeclared one fails at the first forward
             task = build(partial(norm_layer, kind=kind))

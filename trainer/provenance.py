@@ -70,7 +70,12 @@ def _choices(cfg: DictConfig, overrides: tuple[str, ...]) -> dict[str, Any] | No
 
     if HydraConfig.initialized():  # inside train.py: the running job's own composition
         return OmegaConf.to_container(HydraConfig.get().runtime.choices)
-    composed, choices = _compose(overrides)
+    from hydra.errors import HydraException
+
+    try:
+        composed, choices = _compose(overrides)
+    except HydraException:  # e.g. a task found through a hydra.searchpath that is not among these overrides
+        return None
     return choices if composed == OmegaConf.to_container(cfg) else None
 
 

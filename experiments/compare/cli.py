@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
 from experiments.compare import probe as probing
 from experiments.compare import report
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             estimate(plan, console, args.jobs, threads)
             return 0
     except UserError as e:
-        print_error(escape(str(e)))
+        print_error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         return 130
@@ -186,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt):
         runner.close()
         done = sum(e["status"] == "finished" for e in runner.ledger.entries().values())
-        print_error(escape(f"interrupted. {done} trials are finished in {runner.ledger.path}; a trial that was "
-                           "running starts again from the beginning. Continue with the same command:\n  "
-                           + shlex.join(command)))
+        print_error(f"interrupted. {done} trials are finished in {runner.ledger.path}; a trial that was "
+                    "running starts again from the beginning. Continue with the same command:\n  "
+                    + shlex.join(command))
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
