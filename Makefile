@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KILN_DATA_ROOT ?= data
 export KILN_DATA_ROOT
 
-.PHONY: install train test lint bench check-recipes lock clean
+.PHONY: install train test lint bench gpu-check check-recipes lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: install            ## figures, not tests: trainer overhead, optimizer ste
 	$(BIN)/python bench/optimizers.py --threads 1
 	$(BIN)/python bench/char_transformer.py
 	$(BIN)/python bench/data_path.py
+
+gpu-check: install        ## every CUDA-specific path on this machine's GPU (ARGS=--quick; no GPU: prints the plan)
+	$(BIN)/python -m bench.gpu_check $(ARGS)
 
 check-recipes: install   ## every recipe's short version against its declared result (ARGS=--full: the real runs)
 	$(BIN)/python -m experiments.check_recipes $(ARGS)

@@ -42,7 +42,7 @@ def main() -> None:
                       f"trainer.log_interval={args.interval}", "trainer.eval_interval=0",
                       "trainer.checkpoint_interval=0",
                       "trainer.histogram_interval=0", "trainer.pictures=false", "trainer.progress=off",
-                      "task.eval_batches=1", *args.overrides)
+                      "task.eval_batches=1", "task.final_whole_split=false", *args.overrides)
     if cfg.schedule.get("warmup", 0) and isinstance(cfg.schedule.warmup, int) and cfg.schedule.warmup > args.steps:
         cfg.schedule.warmup = args.steps // 10
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,11 +2,20 @@
 
 One job of a sweep runs through `run_job`: a job that fails (a UserError -> SystemExit from trainer.run.main, or
 any other Exception) is recorded as failed in its run directory and in the ledger, and returns normally so the
-launcher goes on with the others. The ledger (`<sweep dir>/ledger.jsonl`, one JSON line per ended job) is keyed by
-the job's sorted override list plus a hash of its resolved config: a re-run of the same sweep into the same sweep
-directory (`hydra.sweep.dir=multirun/my_sweep`) skips every job that already finished, so an interrupted sweep
-resumes where it stopped. Failed and interrupted jobs run again, from the start. A signal (Ctrl-C, SIGTERM) ends
-the whole sweep: the job is recorded as interrupted and the table so far is printed.
+launcher goes on with the others. A signal (Ctrl-C, SIGTERM) ends the whole sweep: the job is recorded as
+interrupted and the table so far is printed.
+
+The ledger (`<sweep dir>/ledger.jsonl`, one JSON line per started and per ended job) is keyed by content: a job's
+key is its sorted override list plus a hash of its resolved config, and each key owns one run directory, given
+to it when it first starts and never to another key. Hydra's job number is only a first choice of name:
+`hydra.sweep.subdir: ${kiln.job_dir:}` (conf/train.yaml) asks the ledger, before Hydra creates or writes anything,
+for the job's directory: the one its key already owns, else `<job num>` when no other key owns it, else
+`<job num>-<hash of the key>`. So a second sweep into the same sweep directory (`-m optimizer=lion,sgd` after
+`-m optimizer=adam,sgd`) gives lion `0-<hash>` next to adam's `0`; both results stay right, and a re-run skips
+exactly the jobs that finished. A custom `hydra.sweep.subdir` that gives a job another key's directory is refused
+(the job fails with a message; the owner's files are left alone). A finished entry is trusted only when its
+directory's status.json names the same key. Claims and appends hold a file lock (`ledger.jsonl.lock`), so parallel
+jobs (joblib, SLURM on a shared file system, two sweeps at once) never give one directory to two keys.
 
 `SweepSummary` is a Hydra callback (hydra.callbacks in conf/train.yaml): at the end of a multirun it prints a rich
 table of every job's final and best monitored metric, status and time, sorted by the task's `monitor` (metric +
@@ -30,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -67,26 +77,49 @@ def job_key(overrides: list[str], cfg: DictConfig) -> str:
 
 
 class Ledger:
-    """`<sweep dir>/ledger.jsonl`: one line per ended job (finished or failed); the last line of a key wins.
-
-    Lines are appended with a single O_APPEND write, so parallel jobs (joblib, SLURM on a shared file system)
-    can share the file."""
+    """`<sweep dir>/ledger.jsonl`: a "running" line when a job claims its directory, one more when it ends
+    (finished, failed or interrupted). The last line of a key gives its status; the first line that names a
+    directory makes its key the directory's owner for good."""
 
     def __init__(self, sweep_dir: Path) -> None:
         self.path = Path(sweep_dir) / LEDGER
+        self.lock = FileLock(f"{self.path}.lock")
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        latest: dict[str, dict[str, Any]] = {}
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a crash
                     continue
-                latest[entry["key"]] = entry
-        return latest
+                if isinstance(entry, dict) and "key" in entry:
+                    out.append(entry)
+        return out
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """The latest line of every key."""
+        return {e["key"]: e for e in self.lines()}
+
+    def dirs(self) -> dict[str, str]:
+        """key -> the run directory (relative to the sweep directory) it owns. A directory belongs to the first key
+        that named it; a later key naming it too (a ledger written before directories were owned) owns nothing."""
+        owner: dict[str, str] = {}
+        taken: set[str] = set()
+        for e in self.lines():
+            rel = e.get("run_dir")
+            if rel is None or e["key"] in owner:
+                continue
+            if rel not in taken:
+                owner[e["key"]] = rel
+                taken.add(rel)
+        return owner
 
     def append(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self._write(entry)
+
+    def _write(self, entry: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -94,14 +127,69 @@ class Ledger:
         finally:
             os.close(fd)
 
+    def claim(self, key: str, overrides: list[str], candidates: list[str]) -> str | None:
+        """The run directory of `key`: the one it owns already, else the first candidate that no other key owns and
+        that holds nothing but Hydra's files, which it now owns (a "running" line). None when no candidate is free."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            dirs = self.dirs()
+            if key in dirs:
+                return dirs[key]
+            owned = set(dirs.values())
+            for rel in candidates:
+                if rel not in owned and _unused(self.path.parent / rel, key):
+                    self._write({"key": key, "status": "running", "overrides": list(overrides), "run_dir": rel,
+                                 "started": time.time()})
+                    return rel
+        return None
+
     def finished(self, key: str) -> dict[str, Any] | None:
-        """The ledger entry of a finished job whose run directory still holds its final metrics."""
-        entry = self.entries().get(key)
-        if entry and entry["status"] == "finished":
-            run_dir = self.path.parent / entry["run_dir"]
-            if (run_dir / "final_metrics.json").is_file():
+        """The ledger entry of a finished job whose run directory still holds its final metrics and says it is
+        this job's (status.json names the key)."""
+        entry, rel = self.entries().get(key), self.dirs().get(key)
+        if entry and entry["status"] == "finished" and rel is not None:
+            run_dir = self.path.parent / rel
+            if (run_dir / "final_metrics.json").is_file() and _read_json(run_dir / STATUS).get("key") == key:
                 return entry
         return None
+
+
+def _unused(run_dir: Path, key: str) -> bool:
+    """Nothing there yet but what Hydra writes before the job starts (.hydra/, the job's log), or a directory that
+    says it is this key's."""
+    if not run_dir.is_dir():
+        return True
+    status = _read_json(run_dir / STATUS)
+    if status:
+        return status.get("key") == key
+    return all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def job_dir(*, _root_: DictConfig) -> str:
+    """`hydra.sweep.subdir: ${kiln.job_dir:}`: the run directory the ledger gives this job (see Ledger.claim),
+    decided before Hydra creates it or writes .hydra/ into it: `<job num>` unless another key owns that, else
+    `<job num>-<hash of the key>`."""
+    hydra = _root_.hydra
+    num = str(hydra.job.num)
+    task_cfg = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
+    if OmegaConf.select(task_cfg, "trainer.dry_run"):  # nothing trains: no ledger
+        return num
+    overrides = list(hydra.overrides.task)
+    key = job_key(overrides, task_cfg)
+    h = key_hash(key)
+    candidates = [num, f"{num}-{h}", *(f"{num}-{h}-{i}" for i in range(2, 100))]
+    rel = Ledger(Path(str(hydra.sweep.dir))).claim(key, overrides, candidates)
+    if rel is None:  # 100 directories of other jobs under names derived from this key's hash: not by chance
+        raise UserError(f"no free run directory for job {num} in {hydra.sweep.dir}")
+    return rel
+
+
+if not OmegaConf.has_resolver("kiln.job_dir"):
+    OmegaConf.register_new_resolver("kiln.job_dir", job_dir)
 
 
 def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
@@ -133,10 +221,11 @@ def _relative(path: Path, start: Path) -> str:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path,
-            run_main: Callable[[DictConfig, Path, list[str]], dict[str, Any]]) -> float | None:
+            run_main: Callable[[DictConfig, Path, list[str]], dict[str, Any]], summarize: bool = True) -> float | None:
     """One job of a multirun: skip it if the ledger says it finished, else run it and record how it ended.
     Never raises for a failed run (KeyboardInterrupt still stops the sweep); returns the monitored metric
-    (None when the job failed: Optuna records the trial as failed)."""
+    (None when the job failed: Optuna records the trial as failed). `summarize=False` (experiments.compare, which
+    reports by itself): an interrupted job prints no sweep table and no resume hint."""
     run_dir, sweep_dir = Path(run_dir), Path(sweep_dir)
     if cfg.trainer.get("dry_run"):  # nothing trains: no ledger, but one bad job still does not stop the rest
         try:
@@ -152,11 +241,23 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Pat
     rel = _relative(run_dir, sweep_dir)
     done = ledger.finished(key)
     if done:
-        if done["run_dir"] != rel:  # the sweep's job numbering changed: point at where the result lives
-            _write_status(run_dir, {"status": "skipped", "key": key, "finished_in": done["run_dir"]})
         print(f"skipped: {' '.join(overrides)} already finished in {sweep_dir / done['run_dir']} "
               f"(ledger {ledger.path})")
         return (done.get("final") or {}).get(cfg.monitor.metric)
+
+    own = ledger.claim(key, overrides, [rel])
+    if own is None:  # only a custom hydra.sweep.subdir can do this; the default asks the ledger first
+        owner = next((k for k, d in ledger.dirs().items() if d == rel), "another job")
+        error = (f"hydra.sweep.subdir gives this job the run directory {run_dir}, which belongs to another job of "
+                 f"this sweep directory ({owner}); its files are left alone. Keep the default hydra.sweep.subdir "
+                 "(${kiln.job_dir:}, a directory per job) or use another hydra.sweep.dir.")
+        print_error(error)
+        ledger.append({"key": key, "status": "failed", "overrides": list(overrides), "run_dir": None,
+                       "time_s": 0.0, "error": f"ConfigError: {error}", "final": {}})
+        return None
+    if own != rel:  # a custom subdir that changed between invocations: the job goes back to its own directory
+        print(f"{' '.join(overrides)}: runs in {sweep_dir / own}, the directory this job owns in {ledger.path}")
+        rel, run_dir = own, sweep_dir / own
 
     _set_aside_previous_attempt(run_dir)
     started = time.time()
@@ -172,15 +273,15 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Pat
         status.update(status="failed", exit_code=e.code,
                       error=f"{type(cause).__name__}: {cause}" if isinstance(cause, UserError) else f"exit {e.code}")
         if type(cause).__name__ == "Interrupted":  # SIGINT / SIGTERM: the user stops the sweep, not this job
-            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e)
+            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e, summarize)
     except UserError as e:  # HYDRA_FULL_ERROR=1 lets it through unprinted
         print_error(str(e))
         status.update(status="failed", exit_code=e.exit_code, error=f"{type(e).__name__}: {e}")
         if type(e).__name__ == "Interrupted":
-            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e)
+            _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e, summarize)
     except KeyboardInterrupt as e:
         status.update(exit_code=130, error="KeyboardInterrupt")
-        _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e)
+        _stop_sweep(cfg, run_dir, sweep_dir, ledger, key, status, overrides, started, e, summarize)
     except Exception as e:
         text = traceback.format_exc()
         print(text, file=sys.stderr)
@@ -197,16 +298,17 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Pat
 
 
 def _stop_sweep(cfg: DictConfig, run_dir: Path, sweep_dir: Path, ledger: Ledger, key: str, status: dict[str, Any],
-                overrides: list[str], started: float, error: BaseException) -> None:
+                overrides: list[str], started: float, error: BaseException, summarize: bool) -> None:
     """A signal stopped this job: record it as interrupted, print the table so far and how to resume, and end the
     whole sweep (the launcher would otherwise go on with the next job)."""
     status.update(status="interrupted", ended=time.time(), time_s=round(time.time() - started, 2))
     _write_status(run_dir, status)
     ledger.append({"key": key, "status": "interrupted", "overrides": list(overrides), "run_dir": status["run_dir"],
                    "time_s": status["time_s"], "error": status.get("error"), "final": {}})
-    write_summary(sweep_dir, cfg.monitor.metric, cfg.monitor.mode)
-    print(f"sweep interrupted: run the same command with hydra.sweep.dir={sweep_dir} to resume (finished jobs are "
-          "skipped; this one starts again)", file=sys.stderr)
+    if summarize:
+        write_summary(sweep_dir, cfg.monitor.metric, cfg.monitor.mode)
+        print(f"sweep interrupted: run the same command with hydra.sweep.dir={sweep_dir} to resume (finished jobs "
+              "are skipped; this one starts again)", file=sys.stderr)
     code = error.code if isinstance(error, SystemExit) else getattr(error, "exit_code", 130)
     raise SystemExit(code) from None
 
@@ -260,28 +362,36 @@ def _split(override: str) -> tuple[str, str]:
 
 
 def collect(sweep_dir: Path, metric: str, mode: str) -> list[dict[str, Any]]:
-    """One row per job of the sweep directory (latest ledger entry per key, plus interrupted jobs), sorted:
-    finished jobs by the monitored metric (best first), then the others."""
+    """One row per job of the sweep directory (the latest ledger line of each key), sorted: finished jobs by the
+    monitored metric (best first), then the others. A row's numbers come from the directory its key owns, and only
+    when that directory's status.json names the same key."""
     sweep_dir = Path(sweep_dir)
-    entries = Ledger(sweep_dir).entries()
+    ledger = Ledger(sweep_dir)
+    entries, dirs = ledger.entries(), ledger.dirs()
     rows: list[dict[str, Any]] = []
-    for entry in entries.values():
-        run_dir = sweep_dir / entry["run_dir"]
-        final = _read_json(run_dir / "final_metrics.json") if entry["status"] == "finished" else {}
-        best, best_step = _best(run_dir, metric, mode)
+    for key, entry in entries.items():
+        rel = dirs.get(key)
+        status, error = entry["status"], entry.get("error") or ""
+        if status == "running":  # claimed its directory, never ended: killed, or still running elsewhere
+            status, error = "interrupted", "started, never ended"
+        ours = rel is not None and _read_json(sweep_dir / rel / STATUS).get("key", key) == key
+        if not ours and entry.get("run_dir") is not None:  # a ledger from before directories had owners
+            status, error = "failed", f"{entry['run_dir']} holds another job's files; run it again"
+        final = _read_json(sweep_dir / rel / "final_metrics.json") if ours and status == "finished" else {}
+        best, best_step = _best(sweep_dir / rel, metric, mode) if ours else (None, None)
         final_value = final.get(metric)
         if best is None or (isinstance(final_value, (int, float)) and
                             (final_value < best if mode == "min" else final_value > best)):
             best, best_step = final_value, final.get("step")
         rows.append({
-            "run_dir": entry["run_dir"], "status": entry["status"], "overrides": entry["overrides"],
+            "run_dir": rel or "-", "status": status, "overrides": entry["overrides"],
             f"final/{metric}": final_value, f"best/{metric}": best, "best_step": best_step,
             **{f"final/{k}": v for k, v in final.items() if k not in _NOT_METRICS and k != metric},
             "step": final.get("step"), "train_time_s": final.get("wall_time_s"), "time_s": entry.get("time_s"),
-            "error": entry.get("error") or "",
+            "error": error,
         })
     known = {r["run_dir"] for r in rows}
-    for status_file in sorted(sweep_dir.glob(f"*/{STATUS}")):  # started but never ended: interrupted
+    for status_file in sorted(sweep_dir.glob(f"*/{STATUS}")):  # started before the ledger named directories
         status = _read_json(status_file)
         rel = status_file.parent.name
         if status.get("status") == "running" and rel not in known and status.get("key") not in entries:

@@ -4,12 +4,19 @@ Per tensor (layer) p, with the bias-corrected Adam direction (so early steps are
 
     m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
     r = m_hat/(sqrt(v_hat) + eps) + wd*p
-    p <- p - lr * (||p|| / ||r||) * r
+    p <- p - lr * (||p|| / ||r||) * r        where weight decay applies (wd != 0), or always_adapt
+    p <- p - lr * r                          elsewhere (wd = 0: kiln's no_decay group of biases, norms, embeddings)
 
-The trust ratio ||p||/||r|| (the paper's phi is the identity) is replaced by 1 when either norm is zero, so
-zero-initialised tensors (biases) still move. Options: `cautious` masks the Adam direction before the decay term is
-added (arXiv 2411.16085); `cautious_wd` keeps wd*p only where p and the Adam direction agree in sign
-(arXiv 2510.12402). The trust ratio is computed on the resulting r.
+The trust ratio ||p||/||r|| (the paper's phi is the identity) is replaced by 1 when either norm is zero. Where it
+is applied only to tensors with weight decay, as timm's Lamb (`if weight_decay != 0 or always_adapt`) and NVIDIA
+apex's FusedLAMB (NVLAMB off: "apply adaptive lr to 0.0 weight decay parameter" only with use_nvlamb) do by
+default: a zero-initialised bias would otherwise start from ||p|| = 0 and barely move (tests/optim/
+test_adam_family.py: norm 0.005 after 500 steps at lr 1e-3, where the Adam step takes it to 0.92).
+always_adapt=True applies the ratio to every tensor (the paper's Algorithm 2 read literally, and NVLAMB).
+
+Options: `cautious` masks the Adam direction before the decay term is added (arXiv 2411.16085); `cautious_wd`
+keeps wd*p only where p and the Adam direction agree in sign (arXiv 2510.12402). The trust ratio is computed on
+the resulting r.
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ def trust_ratios(params: list[Tensor], updates: list[Tensor]) -> list[Tensor]:
 
 class Lamb(AdamFamily):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 1e-2, cautious: bool = False,
-                 cautious_wd: bool = False) -> None:
-        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, cautious, cautious_wd))
+                 eps: float = 1e-6, weight_decay: float = 1e-2, always_adapt: bool = False,
+                 cautious: bool = False, cautious_wd: bool = False) -> None:
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, cautious, cautious_wd,
+                                               always_adapt=always_adapt))
 
     def _update(self, group: dict[str, Any], piece: Batch) -> None:
         m, v = adam_moments_(piece, group["betas"])
@@ -49,4 +57,7 @@ class Lamb(AdamFamily):
             torch._foreach_add_(r, masks, alpha=wd)
         elif wd != 0.0:
             torch._foreach_add_(r, piece.params, alpha=wd)
-        torch._foreach_addcmul_(piece.params, r, trust_ratios(piece.params, r), value=-group["lr"])
+        if wd != 0.0 or group["always_adapt"]:
+            torch._foreach_addcmul_(piece.params, r, trust_ratios(piece.params, r), value=-group["lr"])
+        else:
+            torch._foreach_add_(piece.params, r, alpha=-group["lr"])

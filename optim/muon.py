@@ -7,19 +7,34 @@ Muon orthogonalizes the (Nesterov) momentum of a 2-D weight with a quintic Newto
 
 It is defined for the weight matrices of hidden layers only. This optimizer splits the param groups it is
 given: every 2-D parameter whose role (optim/param_groups.py) is "hidden", or that was never tagged, goes to
-torch.optim.Muon; everything else goes to torch.optim.AdamW: biases, norm weights, scalars, embeddings, the
-output head (a module marked `is_output_head = True`, else the model's last nn.Linear) and >2-D tensors such
-as conv filters (torch's Muon takes 2-D only). A group may force its 2-D params with `use_muon: True/False`.
+the Muon half (torch.optim.Muon's rule, see below); everything else goes to torch.optim.AdamW: biases, norm
+weights, scalars, embeddings, the output head (a module marked `is_output_head = True`, else the model's last
+nn.Linear) and >2-D tensors such as conv filters (torch's Muon takes 2-D only). A group may force its 2-D
+params with `use_muon: True/False`.
 
 With adjust_lr_fn="match_rms_adamw" (default; the paper's rule s = 0.2*sqrt(max(rows, cols))) Muon's update
 has AdamW's RMS, so both halves share one lr and one weight decay, as in the paper; the AdamW half uses
 `adamw_betas` and `adamw_eps`. Each incoming group keeps its own hyperparameters (a no_decay group stays
 undecayed on both halves), and a schedule or GradScaler acting on this optimizer's param_groups reaches both
 halves: their hyperparameters are copied from the group they came from at every step. state_dict holds both.
+
+The orthogonalisation dtype. torch.optim.Muon always runs Newton-Schulz in bfloat16, which is right where
+bfloat16 matrix products are native (GPU tensor cores; CPUs with AVX512-BF16, AMX-BF16 or Arm's BF16) and
+ruinous where they are emulated: on an AVX2 CPU a 128x512 bf16 matmul takes 15 ms against 0.8 ms in float32,
+and a Muon step over a small GPT's sixteen matrices takes over a second. `ns_dtype="auto"` (default) picks
+bfloat16 on accelerators and on CPUs whose capabilities (torch.cpu.get_capabilities(): cpuinfo's flags, read
+once and cached) include a native bf16 instruction set, float32 everywhere else. A capability check, not a
+timing probe: the dtype changes the numbers, so it must not depend on how busy the machine is (runs replay bit
+for bit). float32 agrees with bfloat16 to bfloat16's precision and is closer to the exact iteration
+(tests/optim/test_muon.py). `ns_dtype="bfloat16"` or `"float32"` forces one. torch's Muon has no dtype option,
+so the Muon half is torch.optim.Muon with its step written out here (`MuonHalf`): the same momentum, the same
+quintic iteration (Jordan's coefficients, torch's eps), the same learning-rate adjustments, in that dtype.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,9 +44,97 @@ from optim.core import beta_pair, closure_loss, nonnegative, one_of, require, un
 from optim.param_groups import param_role
 
 MUON_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "nesterov": "nesterov",
-             "ns_steps": "ns_steps", "adjust_lr_fn": "adjust_lr_fn"}
+             "ns_steps": "ns_steps", "adjust_lr_fn": "adjust_lr_fn", "ns_dtype": "ns_dtype"}
 ADAMW_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "betas": "adamw_betas", "eps": "adamw_eps"}
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
+NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# CPU features with bfloat16 dot products in hardware: x86 AVX512-BF16 and AMX-BF16 (what oneDNN's bf16 matmuls
+# use), Arm's BF16 extension (BFDOT/BFMMLA) and SVE-BF16.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (read once: cpuinfo's flags through torch)."""
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(flag, False) for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def orthogonalization_dtype(device: torch.device, ns_dtype: str = "auto") -> torch.dtype:
+    """The dtype Newton-Schulz runs in for parameters on `device`: `ns_dtype` when forced; with "auto",
+    bfloat16 on accelerators (CUDA, XPU: bf16 matrix units) and on CPUs with native bf16, float32 elsewhere
+    (CPUs that emulate bf16, MPS)."""
+    forced = NS_DTYPES[ns_dtype]
+    if forced is not None:
+        return forced
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32 if device.type == "mps" else torch.bfloat16
+
+
+def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype,
+                  coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                  eps: float = 1e-7) -> torch.Tensor:
+    """Jordan's quintic Newton-Schulz iteration (kellerjordan.github.io/posts/muon), in `dtype`:
+    X = G/||G||_F (transposed when tall, so X X^T is the small Gram matrix), then `steps` times
+    X <- aX + (bA + cA^2)X with A = XX^T. Each step maps every singular value s of X to as + bs^3 + cs^5 and
+    keeps the singular vectors, so the result is about U V^T (singular values in roughly [0.7, 1.2]).
+    The same operations as torch.optim.Muon's, which fixes dtype to bfloat16."""
+    a, b, c = coefficients
+    x = g.to(dtype=dtype, copy=True)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm = 1
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA^2
+        x = torch.addmm(x, poly, x, beta=a)  # aX + (bA + cA^2)X
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's update scale for a [A, B] matrix (torch.optim.Muon's rules): "original" sqrt(max(1, A/B))
+    (Jordan), "match_rms_adamw" 0.2 sqrt(max(A, B)) (AdamW's update RMS, 2502.16982), "spectral_unclamped"
+    sqrt(A/B) (Bernstein, "Deriving Muon")."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(rows / cols)
+
+
+class MuonHalf(torch.optim.Muon):
+    """torch.optim.Muon (its constructor, checks, defaults and state layout) with the Newton-Schulz dtype as
+    the group option `ns_dtype`; step() is torch's single-tensor step with that dtype."""
+
+    def __init__(self, params: Iterable[Any], ns_dtype: str = "auto", **kwargs: Any) -> None:
+        one_of("ns_dtype", ns_dtype, tuple(NS_DTYPES))
+        super().__init__(params, **kwargs)
+        self.defaults["ns_dtype"] = ns_dtype
+        for group in self.param_groups:
+            group.setdefault("ns_dtype", ns_dtype)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = closure_loss(closure)
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad, self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mu)  # the EMA form: mu*buf + (1 - mu)*g
+                update = grad.lerp(buf, mu) if group["nesterov"] else buf
+                dtype = orthogonalization_dtype(p.device, group.get("ns_dtype", "auto"))
+                o = newton_schulz(update, group["ns_steps"], dtype, group["ns_coefficients"], group["eps"])
+                p.mul_(1 - lr * wd)
+                p.add_(o, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
 
 
 def routes_to_muon(p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -49,17 +152,18 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  adjust_lr_fn: str | None = "match_rms_adamw", adamw_betas: Sequence[float] = (0.9, 0.95),
-                 adamw_eps: float = 1e-8) -> None:
+                 adamw_eps: float = 1e-8, ns_dtype: str = "auto") -> None:
         adamw_betas = tuple(float(b) for b in adamw_betas)
         nonnegative(lr=lr, weight_decay=weight_decay)
         unit_interval(momentum=momentum)
         require(isinstance(ns_steps, int) and 1 <= ns_steps < 100, "ns_steps", ns_steps, "want an int in [1, 100)")
         one_of("adjust_lr_fn", adjust_lr_fn, ADJUST_LR_FNS)
+        one_of("ns_dtype", ns_dtype, tuple(NS_DTYPES))
         beta_pair("adamw_betas", adamw_betas)
         nonnegative(adamw_eps=adamw_eps)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, adamw_betas=adamw_betas,
-                                      adamw_eps=adamw_eps))
+                                      adamw_eps=adamw_eps, ns_dtype=ns_dtype))
         muon_groups: list[dict[str, Any]] = []
         adamw_groups: list[dict[str, Any]] = []
         # (index of our group, inner group list, index of the inner group, key map)
@@ -72,7 +176,7 @@ class Muon(torch.optim.Optimizer):
                 if ps:
                     self._links.append((i, side, len(groups), keys))
                     groups.append({"params": ps, **{k: group[src] for k, src in keys.items()}})
-        self.muon = torch.optim.Muon(muon_groups) if muon_groups else None
+        self.muon = MuonHalf(muon_groups) if muon_groups else None
         self.adamw = torch.optim.AdamW(adamw_groups) if adamw_groups else None
 
     def _sync(self) -> None:
@@ -99,6 +203,9 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        for group in self.param_groups:  # checkpoints from before a hyperparameter existed (ns_dtype)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for side in ("muon", "adamw"):
             inner = getattr(self, side)
             if (inner is None) != (state_dict[side] is None):

@@ -5,6 +5,11 @@ coupled:   L2 regularisation, (wd/2)*||p||^2 added to the loss. Its gradient is 
            autograd graph the trainer adds wd*p to the gradients of the decayed parameters after unscaling and
            before the gradient transforms: exactly the gradient of the penalised loss. The optimizer's own
            weight_decay is then set to 0, so nothing is decayed twice.
+
+Coupled mode needs an optimizer with a weight_decay hyperparameter: optimizers that regularize by a rule of
+their own (CPR's norm constraint, Amos's adaptive decay) have none to move into the loss, and zeroing their
+groups' weight_decay switched CPR off (it reads weight_decay=0 as "unregularized group"). With such an optimizer
+and regularize.weight_decay > 0, coupled mode is a config error.
 """
 
 from __future__ import annotations
@@ -37,10 +42,20 @@ class CoupledWeightDecay:
 
 def coupled_weight_decay(optimizer: torch.optim.Optimizer, mode: str, weight_decay: float
                          ) -> CoupledWeightDecay | None:
-    """The coupled-L2 step for `mode`, or None when the optimizer handles weight decay itself."""
+    """The coupled-L2 step for `mode`, or None when the optimizer handles weight decay itself (or there is none).
+    ValueError naming the keys when `mode` is unknown, or coupled with an optimizer that has no weight decay."""
     if mode not in MODES:
         raise ValueError(f"regularize.weight_decay_mode={mode!r}: use one of {', '.join(MODES)}")
-    return CoupledWeightDecay(optimizer, weight_decay) if mode == "coupled" and weight_decay > 0 else None
+    if mode != "coupled" or weight_decay <= 0:
+        return None
+    if "weight_decay" not in optimizer.defaults:
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"regularize.weight_decay_mode=coupled with regularize.weight_decay={weight_decay}: {name} has no "
+            f"weight decay to move into the loss (it regularizes by its own rule); use "
+            f"regularize.weight_decay_mode=decoupled (regularize.weight_decay does not apply to {name}) or "
+            "regularize.weight_decay=0, or an optimizer with weight decay for L2 in the loss")
+    return CoupledWeightDecay(optimizer, weight_decay)
 
 
 def l2_penalty(params: Sequence[torch.nn.Parameter], weight_decay: float) -> torch.Tensor:

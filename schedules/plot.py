@@ -3,8 +3,8 @@
 Composes the real config (conf/, as train.py would, any override allowed), builds the schedule for the run's
 horizon and writes a PNG of optimizer.lr x multiplier for every update. No data is loaded: the horizon is
 trainer.max_steps, or trainer.max_epochs x steps_per_epoch (option `steps_per_epoch=N`; for the MNIST tasks
-it defaults to 60000 // task.batch_size, what the trainer's sampler uses). Options of this command (not
-config keys): out=<path.png> (default schedule_<name>.png), steps_per_epoch=<N>.
+it defaults to (60000 - task.val_size) // task.batch_size, what the trainer's sampler uses). Options of this
+command (not config keys): out=<path.png> (default schedule_<name>.png), steps_per_epoch=<N>.
 A metric-driven schedule (plateau) is drawn without observations, so its curve is flat after warmup.
 """
 
@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from schedules.horizon import Horizon
+from trainer.validate import train_size
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MNIST_TRAIN_SIZE = 60_000
 OPTIONS = ("out", "steps_per_epoch")
 
 
@@ -36,10 +36,11 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
 def horizon_of(cfg: DictConfig, steps_per_epoch: int | None) -> Horizon:
     t = cfg.trainer
     if steps_per_epoch is None:
-        if "mnist" not in str(cfg.task.get("_target_", "")).lower():
+        n = train_size(cfg)
+        if n is None:
             raise SystemExit("schedules.plot: give steps_per_epoch=<N> (optimizer steps per epoch of "
                              f"{cfg.task.get('_target_')}); it is only known by default for the MNIST tasks")
-        steps_per_epoch = MNIST_TRAIN_SIZE // int(cfg.task.batch_size)
+        steps_per_epoch = n // int(cfg.task.batch_size)
     if t.max_steps is None and t.max_epochs is None:
         raise SystemExit("schedules.plot: set trainer.max_steps or trainer.max_epochs (both are null)")
     total = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch

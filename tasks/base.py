@@ -23,12 +23,15 @@ step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
+
+from tasks.norm import KINDS
 
 if TYPE_CHECKING:
     from trainer.batches import DataLoading
@@ -43,6 +46,17 @@ class Task(abc.ABC):
     # Set by the trainer before setup(): how map-style data sets are loaded in this run (data.*). Use
     # `self.loading.ordered(dataset, batch_size)` to iterate an evaluation split in batches on the device.
     loading: DataLoading | None = None
+    # What the config validator (trainer/validate.py) checks without loading data. A task states them as class
+    # attributes; tests/test_validate.py checks them against what the task really returns.
+    norms: ClassVar[tuple[str, ...]] = KINDS  # the conf/norm kinds its model can use
+    eval_metrics: ClassVar[Mapping[str, str]] = {}  # evaluate()'s keys -> min | max (which way is better); {}: unknown
+    test_metrics: ClassVar[Mapping[str, str]] = {}  # the keys final_metrics() adds, scored once at the end
+
+    @classmethod
+    def declared_metrics(cls, task: Mapping[str, Any]) -> tuple[Mapping[str, str], Mapping[str, str]]:
+        """(eval metrics, test metrics) for this task config (its `task.*` keys): the class attributes, unless what
+        the task reports depends on its settings (the VAE reports test_loss at evaluations without a val split)."""
+        return cls.eval_metrics, cls.test_metrics
 
     @abc.abstractmethod
     def setup(self, device: torch.device) -> None:

@@ -2,12 +2,19 @@
 
 The vocabulary is the sorted set of characters in the text; the first 90% is training data and the last 10%
 validation (the common split). All tokens live in one tensor on the device; a training sample is the window
-starting at a random offset (RandomSampler: seeded per step). Validation loss (nats per character) is averaged
-over a fixed set of windows, the same at every evaluation, so curves compare across runs. By default these tile
-the whole validation split (every character predicted once, its context as long as its place in the window, the
-same distribution of context lengths as random windows), so the figure has no window-sampling error: a fixed
-subset of 1,600 random windows read 1.883 where the whole split reads 1.893 for the same model.
-`eval_batches=N` evaluates N batches of random windows (fixed seed) instead, for speed on big texts.
+starting at a random offset (RandomSampler: seeded per step).
+
+Validation loss is in nats per character. Evaluations during training cost what nanoGPT's do: `eval_batches`
+batches of `eval_batch_size` random validation windows (15 x 32 = 480 by default, as many as nanoGPT's CPU
+command scores over its two splits), drawn once with a fixed seed, so every evaluation scores the same windows
+and curves compare across runs and steps. The final figure (`final_metrics`, once, at the end) is the whole
+validation split, tiled in block_size windows: every character predicted once, its context as long as its place
+in the window, so it has no window-sampling error (a fixed subset of 1,600 random windows read 1.883 where the
+whole split reads 1.893 for the same model). `eval_batches=null` scores the whole split at every evaluation;
+`final_whole_split=false` keeps the windows' figure at the end too (a smoke test of a big model on a CPU).
+
+Each evaluation also writes a short text sample to TensorBoard: `sample_chars` characters (100 by default, about
+1% of a CPU recipe's time; the first block_size of them through GPT.generate's key/value cache).
 """
 
 from __future__ import annotations
@@ -22,31 +29,50 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tasks.base import Task
 from tasks.gpt import GPT, NormFactory
-from trainer.errors import DataNotFoundError
+from trainer.errors import DataError, DataNotFoundError
 
 
 def read_text(path: str | Path) -> str:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"task.text_path={path} is a folder; give a UTF-8 text file: task.text_path=/path/to/file.txt")
     if not path.is_file():
         raise DataNotFoundError(
             f"text not found: looked for {path.resolve()}. Fix: point the data root at the folder that contains "
             f"tinyshakespeare/input.txt, with `data.root=/path/to/data` or `export KILN_DATA_ROOT=/path/to/data`, "
             f"or give any UTF-8 file with `task.text_path=/path/to/file.txt`."
         )
-    return path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"task.text_path={path} cannot be read ({e.strerror or e}); make it readable or give "
+                        "another file: task.text_path=/path/to/file.txt") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"task.text_path={path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) "
+            f"cannot be decoded ({e.reason}). Fix: convert it, e.g. `iconv -f latin1 -t utf-8 {path} > "
+            f"{path.with_suffix('.utf8.txt')}` (use the encoding it is really in), and pass "
+            f"task.text_path={path.with_suffix('.utf8.txt')}"
+        ) from None
 
 
 class CharTransformer(Task):
     sampling = "random"
+    norms = ("none", "layernorm", "rmsnorm")  # BatchNorm1d wants [N, C, L]; the GPT's activations are [B, T, C]
+    eval_metrics = {"val_loss": "min"}
 
     def __init__(self, text_path: str, block_size: int = 64, batch_size: int = 12, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, bias: bool = True, dropout: float = 0.0,
-                 norm: NormFactory | None = None, eval_batches: int | None = None, eval_batch_size: int = 32,
-                 sample_chars: int = 300, augment: Callable | None = None) -> None:
+                 norm: NormFactory | None = None, eval_batches: int | None = 15, eval_batch_size: int = 32,
+                 final_whole_split: bool = True, sample_chars: int = 100, augment: Callable | None = None) -> None:
         self.text_path, self.block_size, self.batch_size = text_path, block_size, batch_size
         self.model_args = dict(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                                dropout=dropout, bias=bias, norm=norm)
         self.eval_batches, self.eval_batch_size, self.sample_chars = eval_batches, eval_batch_size, sample_chars
+        self.final_whole_split = final_whole_split
         self.make_augment, self.augment = augment, None
 
     def setup(self, device: torch.device) -> None:
@@ -56,16 +82,23 @@ class CharTransformer(Task):
         tokens = torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
         n = int(0.9 * len(tokens))
         self.train_tokens, self.val_tokens = tokens[:n].to(device), tokens[n:].to(device)
-        if len(self.val_tokens) <= self.block_size + 1:
-            raise DataNotFoundError(f"{self.text_path} is too short for block_size={self.block_size}")
+        if len(self.val_tokens) <= self.block_size + 1:  # the last 10% must hold one validation window
+            size = "is empty" if not text else f"has {len(text):,} characters"
+            raise DataError(f"task.text_path={self.text_path} {size}: too short for task.block_size={self.block_size} "
+                            f"(its last 10%, the validation split, must hold a window of block_size + 2 characters). "
+                            f"Fix: a text of at least {10 * (self.block_size + 2):,} characters, or a smaller "
+                            f"task.block_size")
         self.window = torch.arange(self.block_size + 1, device=device)
-        # Fixed validation windows: the same batches at every evaluation.
-        if self.eval_batches is None:  # tile the whole split
-            starts = torch.arange(0, len(self.val_tokens) - self.block_size, self.block_size)
+        # The whole split, tiled in non-overlapping windows (the final figure), and the fixed windows that
+        # evaluations during training score (the same at every evaluation).
+        tiles = torch.arange(0, len(self.val_tokens) - self.block_size, self.block_size)
+        if self.eval_batches is None:
+            starts = tiles
         else:
             g = torch.Generator().manual_seed(1234)
             starts = torch.randint(len(self.val_tokens) - self.block_size - 1,
                                    (self.eval_batches * self.eval_batch_size,), generator=g)
+        self.split_starts = tiles.to(device).split(self.eval_batch_size)
         self.val_starts = starts.to(device).split(self.eval_batch_size)
         if self.make_augment is not None:  # input-token corruption (regularize=augment_text)
             self.augment = self.make_augment(vocab_size=self.vocab_size)
@@ -101,12 +134,23 @@ class CharTransformer(Task):
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         return ce.view(y.shape).mean(1)
 
+    def _val_loss(self, model: nn.Module, batches: tuple[torch.Tensor, ...]) -> float:
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for starts in batches:
+            total += self.loss(model, self._windows(self.val_tokens, starts)).sum(dtype=torch.float64)
+        return total.item() / sum(len(s) for s in batches)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for starts in self.val_starts:
-            total += self.loss(model, self._windows(self.val_tokens, starts)).sum(dtype=torch.float64)
-        return {"val_loss": total.item() / sum(len(s) for s in self.val_starts)}
+        """During training: the fixed validation windows (the whole split with eval_batches=null)."""
+        return {"val_loss": self._val_loss(model, self.val_starts)}
+
+    @torch.no_grad()
+    def final_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Once, at the end: the whole validation split (nothing more to do when evaluate already scored it)."""
+        if self.eval_batches is None or not self.final_whole_split:
+            return {}
+        return {"val_loss": self._val_loss(model, self.split_starts)}
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -120,6 +164,6 @@ class CharTransformer(Task):
         return self.decode(gpt.generate(start, chars, generator=g)[0, 1:].tolist())
 
     def pictures(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:
-        """A short text sample at each evaluation (TensorBoard's text tab)."""
+        """A short text sample at each evaluation (TensorBoard's text tab); sample_chars=0 turns it off."""
         if self.sample_chars:
             writer.add_text("sample", "```\n" + self.sample(model, self.sample_chars) + "\n```", step)

@@ -135,6 +135,14 @@ class Split(Dataset):
 
 
 class ImageClassification(Task):
+    eval_metrics = {"val_loss": "min", "val_acc": "max"}
+
+    @classmethod
+    def declared_metrics(cls, task: Mapping[str, Any]) -> tuple[Mapping[str, str], Mapping[str, str]]:
+        """The test split is scored only when task.test_split names one."""
+        tests = {"test_loss": "min", "test_acc": "max"} if task.get("test_split") is not None else {}
+        return cls.eval_metrics, tests
+
     def __init__(self, dataset: Mapping[str, Any], model: Mapping[str, Any], val_split: Mapping[str, Any] | None = None,
                  val_fraction: float = 0.1, test_split: Mapping[str, Any] | None = None, num_classes: int | None = None,
                  image_size: int | None = None, train_transform: Sequence[Any] = (), eval_transform: Sequence[Any] = (),

@@ -46,6 +46,9 @@ class CNN(nn.Module):
 
 
 class MnistCNN(Task):
+    eval_metrics = {"val_loss": "min", "val_acc": "max"}
+    test_metrics = {"test_loss": "min", "test_acc": "max"}
+
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, norm: NormFactory | None = None,
                  dropout: float = 0.25, label_smoothing: float = 0.0, augment: Callable | None = None,

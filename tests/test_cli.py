@@ -14,14 +14,14 @@ def test_one_epoch_vae_through_the_cli(mnist_root, tmp_path):
                   f"hydra.run.dir={run_dir}")
     assert out.returncode == 0, out.stderr
     final = json.loads((run_dir / "final_metrics.json").read_text())
-    assert final["test_loss"] < 140.0, final
-    assert final["step"] == 468  # 60000 // 128, incomplete last batch dropped
+    assert final["test_loss"] < 140.0 and final["val_loss"] < 140.0, final
+    assert final["step"] == 429  # (60000 - 5000 validation images) // 128, incomplete last batch dropped
     # Plain progress lines (stdout is not a TTY) and the final table.
-    assert "step 50/468" in out.stdout and "samples/s" in out.stdout and "eta" in out.stdout
-    assert "final metrics" in out.stdout and "test_loss" in out.stdout
+    assert "step 50/429" in out.stdout and "samples/s" in out.stdout and "eta" in out.stdout
+    assert "final metrics" in out.stdout and "val_loss" in out.stdout and "test_loss" in out.stdout
     # Everything a run directory promises.
     for name in ("config.yaml", "overrides.yaml", "manifest.json", "metrics.jsonl", "checkpoints/last.pt",
-                 "checkpoints/step-00000468.pt", "pictures/latent_space.png"):
+                 "checkpoints/step-00000429.pt", "pictures/latent_space.png"):
         assert (run_dir / name).is_file(), name
     assert_tensorboard_has_everything(run_dir / "tb")
     assert "optimizer=adamw" in (run_dir / "overrides.yaml").read_text()
@@ -70,11 +70,12 @@ def assert_tensorboard_has_everything(tb_dir):
     events.Reload()
     tags = events.Tags()
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "lr/decay", "lr/no_decay",
-            "eval/test_loss"} <= set(tags["scalars"])
+            "eval/val_loss"} <= set(tags["scalars"])
     assert {"vae/reconstructions", "vae/samples", "vae/latent_space"} <= set(tags["images"])
     for name in ("encoder.0.weight", "decoder.1.bias"):  # per layer, parameters and gradients
         assert f"params/{name}" in tags["histograms"] and f"grads/{name}" in tags["histograms"]
-    assert [e.step for e in events.Scalars("eval/test_loss")] == [468]
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [429]
+    assert not [t for t in tags["scalars"] if t.startswith("eval/test")]  # the test set is scored at the end only
 
 
 def test_unknown_keys_are_all_reported_with_a_did_you_mean(tmp_path):

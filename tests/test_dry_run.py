@@ -36,17 +36,17 @@ def test_dry_run_numbers(mnist_root):
                       "trainer.grad_accum=2", "trainer.eval_interval=0.5ep", "trainer.device=cpu")
     out = io.StringIO()
     numbers = dry_run(cfg, Console(file=out, width=120))
-    assert numbers["steps_per_epoch"] == 60000 // 128
-    assert numbers["total_steps"] == 3 * 468
-    assert numbers["warmup_steps"] == round(0.1 * 3 * 468)
-    assert numbers["eval_interval_steps"] == 234 and numbers["checkpoint_interval_steps"] == 468
+    assert numbers["steps_per_epoch"] == (60000 - 5000) // 128  # 5000 images held out for validation
+    assert numbers["total_steps"] == 3 * 429
+    assert numbers["warmup_steps"] == round(0.1 * 3 * 429)
+    assert numbers["eval_interval_steps"] == 214 and numbers["checkpoint_interval_steps"] == 429
     assert numbers["micro_batch_size"] == 64
     assert numbers["parameters"] == VAE_PARAMS
     assert numbers["optimizer_state_bytes"] >= 2 * 4 * VAE_PARAMS  # AdamW: two moments per parameter
     assert numbers["device"] == "cpu" and numbers["precision"] == "float32"
     text = out.getvalue()
     assert "_target_: optim.adamw.adamw" in text  # the composed config, resolved
-    assert "total_steps" in text and "1,404" in text
+    assert "total_steps" in text and "1,287" in text
 
 
 def test_dry_run_through_the_cli(mnist_root, tmp_path):
@@ -54,7 +54,7 @@ def test_dry_run_through_the_cli(mnist_root, tmp_path):
     out = run_cli("trainer.dry_run=true", f"data.root={mnist_root}", "trainer.max_steps=20", "schedule.warmup=5",
                   f"hydra.run.dir={run_dir}")
     assert out.returncode == 0, out.stderr
-    for fragment in ["steps_per_epoch", "468", "total_steps", "warmup_steps", "optimizer_state_bytes",
+    for fragment in ["steps_per_epoch", "429", "total_steps", "warmup_steps", "optimizer_state_bytes",
                      "max_steps: 20"]:
         assert fragment in out.stdout, fragment
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "final_metrics.json").exists()

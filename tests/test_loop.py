@@ -66,7 +66,7 @@ def test_resume_is_bit_exact(mnist_root, tmp_path, extra):
     losses_a, losses_b = logged(straight), logged(resumed)
     assert min(losses_b) == 12 and max(losses_b) == 28  # the resumed run logged only its own steps
     assert {s: losses_a[s] for s in losses_b} == losses_b  # exactly equal floats
-    assert logged(straight, "eval/test_loss")[30] == logged(resumed, "eval/test_loss")[30]
+    assert logged(straight, "eval/val_loss")[30] == logged(resumed, "eval/val_loss")[30]
 
 
 def test_resume_from_a_run_directory_takes_the_newest_checkpoint(mnist_root, tmp_path):

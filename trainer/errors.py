@@ -19,3 +19,10 @@ class DataNotFoundError(UserError):
     """A data set is not where the config says it is."""
 
     exit_code = 1
+
+
+class DataError(UserError):
+    """A data file is there but cannot be used (truncated, corrupt, not UTF-8, too short): caught when the task
+    reads it, before the first step."""
+
+    exit_code = 2

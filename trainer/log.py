@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -126,12 +126,17 @@ _CONSOLE = {"train/epoch": "epoch {:.2f}", "train/loss": "loss {:.4g}", "train/l
 
 
 def print_error(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.stderr.flush()
+    _print_prefixed("error: ", "bold red", message)
 
 
 def print_warning(message: str) -> None:
-    Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Something odd that still runs (trainer/validate.py oddities, a key repeated on the command line)."""
+    _print_prefixed("warning: ", "bold yellow", message)
+
+
+def _print_prefixed(prefix: str, style: str, message: str) -> None:
+    """The message as plain text: rich markup would swallow `[norm,norm]` and the like."""
+    Console(stderr=True).print(Text.assemble((prefix, style), message), highlight=False, soft_wrap=True)
     sys.stderr.flush()
 
 

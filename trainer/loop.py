@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,12 @@ from trainer.device import resolve_device
 from trainer.early_stop import EarlyStopping
 from trainer.errors import ConfigError, UserError
 from trainer.log import RunLogger, print_error, print_warning
-from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.rng import fork_rng, rng_state, seed_everything, set_rng_state
 from trainer.sampler import SAMPLERS, EpochSampler, RandomSampler
+
+# A skipped step (non-finite, or an fp16 batch given up) still advances the schedule: the data and the LR move on
+# together. LambdaLR warns about that when the very first optimizer step is the one skipped; it is intended here.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 def _build(node: DictConfig, key: str, *args: Any) -> Any:
@@ -92,8 +97,8 @@ def build(cfg: DictConfig) -> Parts:
         torch.set_num_threads(t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda" and t.tf32:  # TF32 tensor cores for float32 matmuls and convolutions
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # TF32 tensor cores for float32 matmuls and convolutions, or exact float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t.tf32)
 
     seed_everything(t.seed)
     task: Task = _build(cfg.task, "task")
@@ -152,7 +157,7 @@ class Trainer:
             raise ConfigError(f"trainer.nonfinite={self.nonfinite!r}: use raise or skip")
         # fp16: an overflowing batch is redone at the halved loss scale at most this often, and never below the
         # minimum scale (fairseq's min_loss_scale); then it counts as a non-finite step.
-        self.fp16_max_retries, self.fp16_min_scale = t.get("fp16_max_retries", 10), t.get("fp16_min_scale", 1e-4)
+        self.fp16_max_retries, self.fp16_min_scale = t.get("fp16_max_retries", 4), t.get("fp16_min_scale", 1e-4)
         self.fp16_retries = 0
         # Optimizers whose rule uses the loss (AdaLo) declare `requires_loss` and get it as step(loss=...).
         self.needs_loss = getattr(parts.optimizer, "requires_loss", False)
@@ -345,7 +350,8 @@ class Trainer:
                 final["restored_best_step"] = p.early_stop.best_step
                 log.info(f"restored the best weights (step {p.early_stop.best_step}, "
                          f"{p.early_stop.monitor}={p.early_stop.best:.6g})")
-                metrics = self._eval_metrics()
+                if p.early_stop.best_step != self.step:  # other weights than the ones just evaluated
+                    metrics = self._eval_metrics()
             final.update(metrics)
             if hasattr(task, "final_metrics"):  # e.g. the test set, scored once with the final weights
                 final.update(self._eval_metrics(task.final_metrics))
@@ -439,7 +445,7 @@ class Trainer:
                 retries, self.fp16_retries = self.fp16_retries, 0
                 self._nonfinite_step(f"the gradient stayed non-finite through {retries} fp16 attempts (loss scale "
                                      f"down to {new_scale:g}; trainer.fp16_max_retries={self.fp16_max_retries}, "
-                                     f"trainer.fp16_min_scale={self.fp16_min_scale:g})")
+                                     f"trainer.fp16_min_scale={self.fp16_min_scale:g})", fatal=False)
                 return norms  # parameters untouched; the data moves on
             self.fp16_retries = 0
             self.skipped["nonfinite_in_a_row"] = 0
@@ -449,17 +455,21 @@ class Trainer:
         self.loss_count += 1
         return norms
 
-    def _nonfinite_step(self, why: str) -> None:
-        """A step given up as non-finite: an error with nonfinite=raise; with skip, counted (max_nonfinite in a row
-        stop the run)."""
-        if self.nonfinite == "raise":
+    def _nonfinite_step(self, why: str, fatal: bool = True) -> None:
+        """A step given up as non-finite: parameters untouched, counted, and `trainer.max_nonfinite` in a row end the
+        run (an error with nonfinite=raise, a stop with skip). With nonfinite=raise a `fatal` step is an error at
+        once; an fp16 batch given up after its retries is not fatal (loss-scale calibration skips a few)."""
+        if self.nonfinite == "raise" and fatal:
             raise NonFiniteError(f"non-finite step {self.step}: {why}. Try a lower optimizer.lr, clip=norm, amp=bf16 "
                                  "instead of fp16, or trainer.nonfinite=skip to skip such steps.")
         self.skipped["nonfinite"] += 1
         self.skipped["nonfinite_in_a_row"] += 1
         if self.skipped["nonfinite_in_a_row"] >= self.max_nonfinite:
-            self.stop_reason = (f"{self.max_nonfinite} non-finite steps in a row (last at step {self.step}: {why}); "
-                                "lower the learning rate, add clip=norm, or check the data")
+            reason = (f"{self.max_nonfinite} non-finite steps in a row (last at step {self.step}: {why}); "
+                      "lower the learning rate, add clip=norm, or check the data")
+            if self.nonfinite == "raise":
+                raise NonFiniteError(f"stopped: {reason}.")
+            self.stop_reason = reason
 
     def _finite_or_skip(self, step_loss: torch.Tensor) -> bool:
         """nonfinite=skip: one host sync per step (like fp16's GradScaler) to decide before the optimizer runs."""
@@ -516,9 +526,8 @@ class Trainer:
         """Evaluate in eval mode, on a private RNG stream: metrics are repeatable and training's RNG is untouched."""
         p = self.p
         evaluate = evaluate or p.task.evaluate
-        devices = [p.device] if p.device.type == "cuda" else []
         p.model.eval()
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), p.autocast:
+        with fork_rng(p.device), torch.no_grad(), p.autocast:
             torch.manual_seed(p.cfg.trainer.seed + 1)
             metrics = evaluate(p.model)
         p.model.train()
@@ -530,11 +539,12 @@ class Trainer:
         with self._not_training():
             metrics = self._eval_metrics()
             self.last_eval_step, self.last_metrics = self.step, dict(metrics)
-            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()}, "time/train_s": train_time})
+            log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()},
+                                    "time/train_s": round(train_time, 3)})
             log.info(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if p.cfg.trainer.pictures and log.writer is not None:
                 p.model.eval()
-                with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
+                with fork_rng(p.device):
                     p.task.pictures(p.model, log.writer, self.step)
                 p.model.train()
             self._observe(metrics)

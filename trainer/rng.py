@@ -1,7 +1,12 @@
-"""Seeding and capturing every random number generator a run touches, so resume is exact."""
+"""Seeding and capturing every random number generator a run touches, so resume is exact.
+
+`torch.manual_seed` seeds the CPU generator and every accelerator's (CUDA, MPS); so each of them is saved in a
+checkpoint and forked around an evaluation, which reseeds them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -23,6 +28,8 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -32,3 +39,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+def fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """On exit, the CPU generator and the accelerator's are back where they were: the run's CUDA device, or the MPS
+    generator (one per machine, seeded by torch.manual_seed whichever device the run uses)."""
+    if torch.backends.mps.is_available():
+        return torch.random.fork_rng(devices=["mps"], device_type="mps")
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda")

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.provenance import config_sources
+
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "tensorboard", "rich", "numpy")
 
 
@@ -77,6 +79,7 @@ def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device
         "run_id": run_id,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "overrides": list(overrides),
+        "sources": config_sources(cfg, overrides),  # values from an option's YAML, the recipe, the command line
         "seed": cfg.trainer.seed,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

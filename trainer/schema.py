@@ -136,12 +136,22 @@ device_spec = Spec(lambda v: isinstance(v, str) and bool(DEVICE_RE.match(v)), "a
 
 def _short_ok(v: Any) -> bool:
     """expect.short: the quick version of a recipe (overrides) and what it must reach; its numbers follow the
-    same rules as expect.target / tolerance / measured."""
+    same rules as expect.target / tolerance / measured / wall_time_s."""
     return (isinstance(v, dict) and {"overrides", "target"} <= set(v) <= {"overrides", "target", "tolerance",
-                                                                           "measured"}
+                                                                           "measured", "wall_time_s"}
             and isinstance(v["overrides"], list) and all(isinstance(o, str) and "=" in o for o in v["overrides"])
-            and num()(v["target"]) and num(0)(v.get("tolerance", 0)) and num(nullable=True)(v.get("measured")))
+            and num()(v["target"]) and num(0)(v.get("tolerance", 0)) and num(nullable=True)(v.get("measured"))
+            and num(0, lo_open=True, nullable=True)(v.get("wall_time_s")))
 
+
+# trainer.seed: torch generators take seeds in [-2**63, 2**64) (ValueError beyond), and the samplers seed theirs
+# with seed * 1000003 + step (trainer/sampler.py), so the seed must leave that product room below 2**64: 2**44 - 1
+# leaves 8e17 steps. Python's random takes any int and numpy gets seed % 2**32 (trainer/rng.py). Negative seeds are
+# refused: torch would wrap -1 to 2**64 - 1, another run's seed.
+SEED_MAX = 2**44 - 1
+seed_spec = Spec(lambda v: is_int(v) and 0 <= v <= SEED_MAX,
+                 f"an int in [0, {SEED_MAX}] (2**44 - 1: the samplers seed torch generators with "
+                 "seed * 1000003 + step, which must stay below 2**64)")
 
 # --- the table -------------------------------------------------------------------------------------------
 
@@ -154,7 +164,7 @@ NONNEG_INT = num(0, integer=True)
 RULES: list[tuple[str, Spec]] = [
     # trainer (closed group: every key is listed)
     ("trainer.device", device_spec),
-    ("trainer.seed", num(0, integer=True)),
+    ("trainer.seed", seed_spec),
     ("trainer.max_epochs", num(1, integer=True, nullable=True)),
     ("trainer.max_steps", num(1, integer=True, nullable=True)),
     ("trainer.grad_accum", POS_INT),
@@ -210,8 +220,10 @@ RULES: list[tuple[str, Spec]] = [
     ("expect.tolerance", num(0)),
     ("expect.device", one_of("cpu", "cuda", "any")),
     ("expect.measured", num(nullable=True)),
+    ("expect.wall_time_s", num(0, lo_open=True, nullable=True)),  # seconds, `python train.py recipe=...` end to end
+    ("expect.measured_on", text(nullable=True)),  # the machine the figures were measured on
     ("expect.short", Spec(_short_ok, "a mapping {overrides: [key=value, ...], target: number, "
-                                                   "tolerance: number >= 0, measured: number or null}")),
+                                     "tolerance: number >= 0, measured: number or null, wall_time_s: seconds > 0}")),
     # optimizer (and nested ones: optimizer.inner for lookahead)
     ("optimizer*.lr", POS),
     ("optimizer*.betas", pair(UNIT)),
@@ -225,6 +237,7 @@ RULES: list[tuple[str, Spec]] = [
     ("optimizer*.alpha", num(0, 1)),  # RMSprop smoothing; Lookahead also needs > 0 (its own check)
     ("optimizer*.k", POS_INT),
     ("optimizer*.ns_steps", POS_INT),
+    ("optimizer*.ns_dtype", one_of("auto", "bfloat16", "float32")),
     ("optimizer*.lr_decay", NONNEG),
     ("optimizer*.momentum_decay", NONNEG),
     ("optimizer*.initial_accumulator_value", NONNEG),
@@ -237,6 +250,13 @@ RULES: list[tuple[str, Spec]] = [
     ("optimizer*.fused", boolean(nullable=True)),
     ("optimizer*.cautious", boolean()),
     ("optimizer*.cautious_wd", boolean()),
+    ("optimizer*.always_adapt", boolean()),
+    ("optimizer*.beta_max", UNIT),  # adaptive memory (am_sgd)
+    ("optimizer*.lam", NONNEG),
+    ("optimizer*.order", num(-1, 1, lo_open=True, hi_open=True)),  # gl_fractional
+    ("optimizer*.window", POS_INT),
+    ("optimizer*.tau", POS),  # adamw2
+    ("optimizer*.power_iters", POS_INT),
     ("optimizer*.nesterov", boolean()),
     # schedule
     ("schedule.warmup", duration()),
@@ -286,7 +306,7 @@ RULES: list[tuple[str, Spec]] = [
     # tasks
     ("task.batch_size", POS_INT),
     ("task.eval_batch_size", POS_INT),
-    ("task.val_size", num(1, 59999, integer=True)),
+    ("task.val_size", num(0, 59999, integer=True)),  # 0: no validation split (the VAE only)
     ("task.dropout", UNIT),
     ("task.label_smoothing", UNIT),
     ("task.hidden", POS_INT),
@@ -296,6 +316,7 @@ RULES: list[tuple[str, Spec]] = [
     ("task.n_head", POS_INT),
     ("task.n_embd", POS_INT),
     ("task.eval_batches", num(1, integer=True, nullable=True)),
+    ("task.final_whole_split", boolean()),
     ("task.sample_chars", NONNEG_INT),
     ("task.num_pictures", NONNEG_INT),
     ("task.bias", boolean()),

@@ -10,15 +10,23 @@ never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more)
    the type annotation of the target's parameter (`optimizer.foreach=yes` is not a bool). Interpolated values
    (`${regularize.weight_decay}`) are checked once, where they are defined.
 2. Cross-key rules: max_steps or max_epochs set; grad_accum divides batch_size; the batch fits the data set;
-   the schedule's durations fit the run when total steps are known without data (max_steps, or MNIST's fixed
-   60000 training images); early stopping / plateau need evaluations during the run; augmentation needs a task
-   that takes it; n_embd divisible by n_head.
+   the schedule's durations fit the run when total steps are known without data (max_steps, or MNIST's 60000
+   training images less the validation split); a val_* monitor needs a validation split (task.val_size > 0);
+   early stopping / plateau need evaluations during the run (a non-zero interval); augmentation needs a task that
+   takes it; n_embd divisible by n_head. What the task declares (its class attributes `norms`, `eval_metrics`,
+   `test_metrics`, tasks/base.py): the norm is one its model can use; the metrics that early stopping, plateau,
+   monitor and expect name are ones it reports, watched the right way (min/max). Lookahead does not wrap
+   lookahead. Paths are of the right kind (data.root a folder, text_path a file) and trainer.resume exists.
 3. The machine: the device exists; fp16 autocast needs a GPU; torch.compile needs Dynamo support, a C++
    compiler on CPU and Triton on CUDA; DDP has no MPS backend.
 4. Cheap construction of the parts that hold no data (schedule with the run's Horizon, gradient transforms,
    early stopping, precision, norm layer, augmentation, and the optimizer on a 3-layer toy model), so each
    component's own argument checks run now instead of after the data has loaded. A node is constructed only
    when passes 1-3 found nothing wrong in it or in the keys it interpolates, so no problem is reported twice.
+
+`oddities(cfg)` lists settings that run but probably do not do what was meant (an evaluation interval longer than
+the run, early stopping or plateau with too few evaluations to ever act, more threads than cores); validate()
+prints each once as a warning.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import shutil
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -90,14 +99,24 @@ class Problems:
         return list(self.items.values())
 
 
+_WARNED: set[str] = set()  # oddities already printed by this process (a sweep validates every job)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every problem in `cfg`; return None when it is valid."""
+    """Raise ConfigError listing every problem in `cfg`; when it is valid, print its oddities (once each) as
+    warnings and return None."""
     lines = problems(cfg)
     if lines:
         n = len(lines)
         raise ConfigError(f"the config has {n} problem{'s' * (n > 1)}:\n" + "\n".join(f"  {x}" for x in lines)
                           + "\nFix them on the command line (key=value) or in the YAML; "
                           "HYDRA_FULL_ERROR=1 shows a traceback.")
+    from trainer.log import print_warning
+
+    for line in oddities(cfg):
+        if line not in _WARNED:
+            _WARNED.add(line)
+            print_warning(line)
 
 
 def problems(cfg: DictConfig) -> list[str]:
@@ -106,6 +125,9 @@ def problems(cfg: DictConfig) -> list[str]:
     try:
         _check_structure(cfg, p)
         _check_cross_keys(cfg, p)
+        _check_task_fit(cfg, p)
+        _check_nesting(cfg, p)
+        _check_paths(cfg, p)
         _check_machine(cfg, p)
         _check_construction(cfg, p)
     except Exception as e:  # a bug in a check must still end as a clear message, never a traceback
@@ -348,12 +370,10 @@ def train_size(cfg: DictConfig, p: Problems | None = None) -> int | None:
     """The training-set size when it is known without loading data (MNIST's 60000 images), else None."""
     p = p or Problems()
     target = _get(cfg, "task._target_", p)
-    if target == "tasks.mnist_vae.MnistVAE":
-        return MNIST_TRAIN
-    if target == "tasks.mnist_cnn.MnistCNN":
+    if target in ("tasks.mnist_vae.MnistVAE", "tasks.mnist_cnn.MnistCNN"):  # both hold out val_size (5000)
         val = _get(cfg, "task.val_size", p)
         val = 5000 if val is None and "val_size" not in cfg.task else val
-        return MNIST_TRAIN - val if is_int(val) and 0 < val < MNIST_TRAIN else None
+        return MNIST_TRAIN - val if is_int(val) and 0 <= val < MNIST_TRAIN else None
     return None
 
 
@@ -390,15 +410,192 @@ def _check_cross_keys(cfg: DictConfig, p: Problems) -> None:
     if is_int(heads) and is_int(width) and heads > 0 and width % heads:
         p.add("task.n_embd", f"task.n_embd={width}: must be a multiple of task.n_head={heads}")
 
-    # Metric-driven parts need evaluations during the run.
+    # Without a validation split evaluations score the test set: nothing reports a val_* metric.
+    val, metric = _get(cfg, "task.val_size", p), _get(cfg, "monitor.metric", p)
+    if val == 0 and is_int(val):
+        if _get(cfg, "task._target_", p) == "tasks.mnist_cnn.MnistCNN":
+            p.add("task.val_size", "task.val_size=0: the CNN evaluates on its validation split; use >= 1")
+        elif isinstance(metric, str) and metric.startswith("val_"):
+            p.add("monitor.metric", f"monitor.metric={fmt(metric)}: task.val_size=0 leaves no validation split, so "
+                                    "evaluations report test_* metrics; set task.val_size > 0 (selection on "
+                                    "validation) or monitor.metric=test_loss (recipe=mnist_vae_baseline)")
+
+    # Metric-driven parts need evaluations during the run (an interval as long as the run: see oddities()).
     evals = _get(cfg, "trainer.eval_interval", p)
-    if evals is not None and duration_ok(evals) and _steps(evals, 10**9, 10**6) == 0:
-        if isinstance(cfg.get("early_stop"), DictConfig) and "_target_" in cfg.early_stop:
-            p.add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: early stopping needs evaluations "
-                                           "during the run (a non-zero interval) or early_stop=off")
-        elif _get(cfg, "schedule._target_", p) == "schedules.plateau":
-            p.add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: schedule=plateau needs "
-                                           "evaluations during the run (a non-zero interval)")
+    needs = _metric_driven(cfg, p)
+    if needs and evals is not None and duration_ok(evals) and _steps(evals, 10**9, 10**6) == 0:
+        p.add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations "
+                                       f"during the run (a non-zero interval){needs[1]}")
+
+
+def _metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
+    """(what, the alternative) for the part of the run that acts on evaluations, if any."""
+    if isinstance(cfg.get("early_stop"), DictConfig) and "_target_" in cfg.early_stop:
+        return "early stopping", " or early_stop=off"
+    if _get(cfg, "schedule._target_", p) == "schedules.plateau":
+        return "schedule=plateau", ""
+    return None
+
+
+def _eval_every(cfg: DictConfig, evals: Any, p: Problems) -> int | None:
+    """trainer.eval_interval in steps, when the run's length is known without data."""
+    total, spe = horizon_numbers(cfg, p)
+    if total is None or (spe is None and isinstance(evals, str) and evals.strip().endswith("ep")):
+        return None
+    return _steps(evals, total, spe or 1)
+
+
+# --- what the task declares, nesting, paths -----------------------------------------------------------------
+
+
+def _task_class(cfg: DictConfig, p: Problems) -> type | None:
+    target = _get(cfg, "task._target_", p)
+    try:
+        obj = _locate(target) if isinstance(target, str) else None
+    except Exception:
+        return None  # reported in pass 1
+    return obj if inspect.isclass(obj) else None
+
+
+def _interpolated_from(cfg: DictConfig, key: str) -> list[str]:
+    """The keys `key`'s value interpolates (`${monitor.metric}` -> ['monitor.metric']); [] for a plain value."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent or not OmegaConf.is_interpolation(parent, leaf):
+        return []
+    raw = parent._get_node(leaf)._value()
+    return _INTERP.findall(raw) if isinstance(raw, str) else []
+
+
+def _check_task_fit(cfg: DictConfig, p: Problems) -> None:
+    """The norm and the metrics the config names, against what the task class declares (no data loaded)."""
+    cls = _task_class(cfg, p)
+    if cls is None:
+        return
+    task = f"{cls.__module__}.{cls.__qualname__}"
+    norms, kind = getattr(cls, "norms", None), _get(cfg, "norm.kind", p)
+    if norms and isinstance(kind, str) and kind not in norms:
+        p.add("norm.kind", f"norm.kind={fmt(kind)} (norm={kind}): the task {task} cannot use it; it takes "
+                           + ", ".join(f"norm={k}" for k in norms))
+    batch, accum = _get(cfg, "task.batch_size", p), _get(cfg, "trainer.grad_accum", p)
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) if _get(cfg, "trainer.strategy", p) == "ddp" else 1
+    if kind == "batchnorm" and is_int(batch) and is_int(accum) and accum > 0 and batch % accum == 0 \
+            and batch // (accum * ranks) == 1:
+        p.add("norm.kind", f"norm.kind='batchnorm' (norm=batchnorm) with micro-batches of 1 sample (task.batch_size="
+                           f"{batch} / trainer.grad_accum={accum}" + (f" / {ranks} ranks" if ranks > 1 else "")
+                           + "): BatchNorm cannot normalise a single sample in training; use a larger task.batch_size, "
+                             "a smaller trainer.grad_accum, or norm=layernorm")
+    declare = getattr(cls, "declared_metrics", None)
+    if callable(declare):
+        node = cfg.get("task")
+        settings = {str(k): _get(cfg, f"task.{k}", p) for k in node} if isinstance(node, DictConfig) else {}
+        declared_evals, declared_tests = declare(settings)
+    else:
+        declared_evals, declared_tests = getattr(cls, "eval_metrics", None), getattr(cls, "test_metrics", None)
+    evals = dict(declared_evals or {})
+    if not evals:
+        return  # the task declares nothing: its metrics are checked when it evaluates
+    every = {**evals, **dict(declared_tests or {})}
+    _check_metric(cfg, p, task, "monitor.metric", every, every, "use")
+    if _get(cfg, "early_stop._target_", p) is not None:
+        _check_metric(cfg, p, task, "early_stop.monitor", evals, every, "early stopping needs")
+    if isinstance(cfg.get("schedule"), DictConfig) and "monitor" in cfg.schedule:
+        _check_metric(cfg, p, task, "schedule.monitor", evals, every, "the schedule needs")
+    if isinstance(cfg.get("expect"), DictConfig) and "metric" in cfg.expect:
+        _check_metric(cfg, p, task, "expect.metric", every, every, "use")
+
+
+def _check_metric(cfg: DictConfig, p: Problems, task: str, key: str, allowed: Mapping[str, str],
+                  every: Mapping[str, str], who: str) -> None:
+    """`key` names one of `allowed` (metric -> min | max), and its sibling `mode` key agrees with the metric."""
+    if p.under(_interpolated_from(cfg, key)):
+        return  # the key it interpolates is reported already
+    metric = _get(cfg, key, p)
+    if not isinstance(metric, str):
+        return
+    name = metric[5:] if metric.startswith("eval/") and metric[5:] in allowed and key == "schedule.monitor" \
+        else metric
+    via = "".join(f" (from ${{{r}}})" for r in _interpolated_from(cfg, key))
+    if name not in allowed:
+        if name in every:
+            why = f"the task {task} scores {metric} once, at the end, not at each evaluation"
+        else:
+            why = f"the task {task} does not report {metric!r}"
+            hint = did_you_mean(metric, allowed)
+            why += f" ({hint})" if hint.startswith("did you mean") else ""
+        kind = "one of its metrics" if allowed == every else "an evaluation metric"
+        p.add(key, f"{key}={fmt(metric)}{via}: {why}; {who} {kind}: "
+                   + " or ".join(f"{key}={m}" for m in allowed))
+        return
+    mode_key = key.rsplit(".", 1)[0] + ".mode"
+    mode = _get(cfg, mode_key, p)
+    if mode in ("min", "max") and mode != allowed[name] and not p.under(_interpolated_from(cfg, mode_key)):
+        better = "lower" if allowed[name] == "min" else "higher"
+        via = "".join(f" (from ${{{r}}})" for r in _interpolated_from(cfg, mode_key))
+        p.add(mode_key, f"{mode_key}={fmt(mode)}{via}: {better} {name} is better (the task {task} declares it), "
+                        f"so {mode} would keep the worst value; use {mode_key}={allowed[name]}")
+
+
+def _check_nesting(cfg: DictConfig, p: Problems) -> None:
+    """Lookahead inside Lookahead: both wrappers share one set of param groups, so the outer k and alpha are
+    ignored (setdefault keeps the inner's) and the shared step counter moves twice per step."""
+    from optim.lookahead import Lookahead
+
+    def is_lookahead(node: DictConfig, path: str) -> bool:
+        target = node.get("_target_") if "_target_" in node else None
+        if not isinstance(target, str) or p.under([f"{path}._target_"]):
+            return False
+        try:
+            obj = _locate(target)
+        except Exception:
+            return False
+        return inspect.isclass(obj) and issubclass(obj, Lookahead)
+
+    def walk(node: Any, path: str, outer: str | None) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        here = is_lookahead(node, path)
+        if here and outer is not None:
+            p.add(f"{path}._target_", f"{path}._target_={fmt(node._target_)}: lookahead inside lookahead ({outer}) "
+                                      "is not supported: both wrap the same param groups, so the outer k and alpha "
+                                      "are ignored and the step counter moves twice per step; wrap a plain "
+                                      f"optimizer: optimizer@{path}=adamw (or another option)")
+            return
+        for k in node:
+            if str(k) not in HYDRA_KEYS:
+                try:
+                    child = node[k]
+                except Exception:
+                    continue  # does not resolve: reported in pass 1
+                walk(child, f"{path}.{k}", path if here else outer)
+
+    if isinstance(cfg.get("optimizer"), DictConfig):
+        walk(cfg.optimizer, "optimizer", None)
+
+
+def _check_paths(cfg: DictConfig, p: Problems) -> None:
+    """Paths that exist but are of the wrong kind (their absence is the task's to report, with the download
+    hint), and a resume source that does not exist."""
+    for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
+        if p.under(_interpolated_from(cfg, key)):
+            continue
+        value = _get(cfg, key, p)
+        if not isinstance(value, str) or not value:
+            continue
+        path, shown = Path(value).expanduser(), f"{key}={fmt(value, 1000)}"
+        if want == "folder" and path.exists() and not path.is_dir():
+            p.add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
+                       "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
+        elif want == "file" and path.is_dir():
+            p.add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
+    resume = _get(cfg, "trainer.resume", p)
+    if isinstance(resume, str) and resume != "auto":
+        how = ("pass a run folder that has checkpoints, a checkpoint file, trainer.resume=auto (the newest run "
+               "with the same config) or trainer.resume=null (a fresh run)")
+        if not resume.strip():
+            p.add("trainer.resume", f"trainer.resume={fmt(resume)}: names no checkpoint; {how}")
+        elif not Path(resume).expanduser().exists():
+            p.add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: no such file or folder; {how}")
 
 
 def _steps(value: Any, total: int, spe: int) -> int | None:
@@ -491,8 +688,9 @@ def _check_construction(cfg: DictConfig, p: Problems) -> None:
 
     def attempt(key: str, build: Callable[[Any], Any]) -> None:
         node = OmegaConf.select(cfg, key)
-        if not isinstance(node, DictConfig) or "_target_" not in node or p.under([f"{key}._target_"]):
-            return
+        if not isinstance(node, DictConfig) or "_target_" not in node or p.under([f"{key}._target_"]) \
+                or any(k.startswith(key + ".") and k.endswith("._target_") for k in p.items):
+            return  # a wrong target, here or nested: nothing sensible to build
         try:
             clean, dropped = _without_problems(node, key, p)
         except Exception:
@@ -529,7 +727,7 @@ def _check_construction(cfg: DictConfig, p: Problems) -> None:
     attempt("amp", lambda made: made)
     attempt("norm", lambda made: made(4))
     if not p.under(["regularize.decay_bias_and_norm"]):
-        attempt("optimizer", lambda made: made(_toy_groups(cfg)))
+        attempt("optimizer", lambda made: _check_coupled_decay(made(_toy_groups(cfg)), cfg, p))
     if isinstance(cfg.get("regularize"), DictConfig) and cfg.regularize.get("augment") is not None:
         attempt("regularize.augment", _build_augment)
 
@@ -592,6 +790,20 @@ def _build_augment(factory: Callable[..., Any]) -> Any:
         raise
 
 
+def _check_coupled_decay(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
+    """regularize.weight_decay_mode=coupled needs an optimizer with weight decay (regularize/weight_decay.py)."""
+    from regularize.weight_decay import coupled_weight_decay
+
+    reg = cfg.get("regularize")
+    keys = ["regularize.weight_decay_mode", "regularize.weight_decay"]
+    if not isinstance(reg, DictConfig) or reg.get("weight_decay_mode") != "coupled" or p.under(keys):
+        return
+    try:
+        coupled_weight_decay(optimizer, "coupled", reg.get("weight_decay") or 0.0)
+    except ValueError as e:
+        p.add("regularize.weight_decay_mode", str(e))
+
+
 def _toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
     """The trainer's param groups for a tiny model (hidden matrix, norm, head): optimizers check their
     arguments when constructed, and some (Muon) route parameters by role."""
@@ -605,4 +817,55 @@ def _toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
         return config_param_groups(model, cfg.regularize)
 
 
-__all__ = ["ConfigError", "effective_device", "fmt", "horizon_numbers", "problems", "train_size", "validate"]
+
+
+# --- oddities: valid, but probably not what was meant ---------------------------------------------------------
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def oddities(cfg: DictConfig) -> list[str]:
+    """Settings that run but probably do not do what was meant, one line each: warnings, not errors, because
+    each is a legitimate choice in some run (a smoke test shorter than an epoch evaluates only at its end, and
+    early stopping or plateau then never act; the run is still right)."""
+    p, lines = Problems(), []
+    total = horizon_numbers(cfg, p)[0]
+    evals = _get(cfg, "trainer.eval_interval", p)
+    every = _eval_every(cfg, evals, p) if evals is not None and duration_ok(evals) else None
+    needs = _metric_driven(cfg, p)
+    if every and total and every > total and not needs:
+        lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
+                     "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
+    if every and total and needs:
+        stop = needs[0] == "early stopping"
+        key = "early_stop.patience" if stop else "schedule.patience"
+        effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
+        evaluations = (total - 1) // every  # evaluations before the last step (that one decides nothing)
+        patience = _get(cfg, key, p)
+        # early stopping: the first evaluation sets the best, then `patience` (at least 1) without improvement stop
+        # the run; plateau: more than `patience` without improvement lower the LR.
+        needed = (max(patience, 1) + 1 if stop else patience + 2) if is_int(patience) else 1
+        if evaluations == 0:
+            length = "the whole run" if every == total else f"longer than the run ({total} steps)"
+            lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, {length}: the run does not evaluate "
+                         f"before its end, so {effect}; use a shorter interval")
+        elif evaluations < needed:
+            lines.append(f"{key}={patience}: the run evaluates {evaluations} time{'s' * (evaluations != 1)} "
+                         f"before its end (every {every} of {total} steps), so {effect} (that takes {needed}); "
+                         f"evaluate more often (trainer.eval_interval) or lower {key}")
+    threads, cores = _get(cfg, "trainer.threads", p), _cores()
+    if is_int(threads) and threads > cores:
+        lines.append(f"trainer.threads={threads}: this machine has {cores} core{'s' * (cores > 1)} for this "
+                     f"process; more threads than cores slow torch down; use trainer.threads=null (torch's "
+                     f"default) or at most {cores}")
+    return lines
+
+
+__all__ = ["ConfigError", "effective_device", "fmt", "horizon_numbers", "oddities", "problems", "train_size",
+           "validate"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.check_recipes import Expectation, expectation, recipe_names
+from experiments.check_recipes import Expectation, Result, expectation, judge_time, recipe_names, this_machine
 from tests.conftest import ROOT, compose_cfg
 from trainer.validate import validate
 
@@ -38,6 +38,46 @@ def test_pass_rule_at_the_bounds():
     assert high.rule == "test_acc >= 0.993" and low.rule == "val_loss <= 1.9 (target 1.88 + 0.02)"
 
 
+@pytest.mark.parametrize("status,wall,cpu,factor,after", [
+    ("passed", 25.0, 25.0, 2.0, "SLOW"),      # 2.5x the declared 10 s, on the clock and in CPU seconds
+    ("passed", 25.0, 15.0, 2.0, "passed"),    # a busy machine: the clock stretched, the CPU seconds did not
+    ("passed", 15.0, 40.0, 2.0, "passed"),    # more threads: CPU seconds add up, the clock is fine
+    ("passed", 20.0, 20.0, 2.0, "passed"),    # exactly 2x: within
+    ("passed", 25.0, 25.0, 3.0, "passed"),    # a looser factor
+    ("passed", 250.0, 250.0, 0.0, "passed"),  # 0: no time check
+    ("FAILED", 25.0, 25.0, 2.0, "FAILED"),    # a missed target stays FAILED; the reason adds the time
+])
+def test_a_run_slower_than_twice_its_declaration_is_slow(status, wall, cpu, factor, after):
+    exp = Expectation(metric="val_loss", mode="min", target=1.9, tolerance=0.0, device="cpu", wall_time_s=10.0,
+                      measured_on="the reference machine")
+    result = Result("r", "full", status, wall_s=wall, cpu_s=cpu, reason="missed" if status == "FAILED" else "")
+    judge_time(result, exp, factor)
+    assert result.status == after and result.declared_s == 10.0 and result.measured_on == "the reference machine"
+    if factor and min(wall, cpu) > factor * 10.0:
+        assert f"took {wall:.0f} s ({cpu:.0f} CPU s), {min(wall, cpu) / 10:.1f}x the 10 s it declares " \
+               f"(limit {factor:g}x" in result.reason
+        assert "the reference machine" in result.reason and this_machine() in result.reason
+    else:
+        assert "declares" not in result.reason
+
+
+def test_no_declared_time_no_time_check():
+    exp = Expectation(metric="val_loss", mode="min", target=1.9, tolerance=0.0, device="cpu")
+    result = Result("r", "full", "passed", wall_s=1e6, cpu_s=1e6)
+    judge_time(result, exp, 2.0)
+    assert result.status == "passed" and result.declared_s is None
+
+
+def test_this_machine_names_the_cpu_and_its_bf16():
+    import torch
+
+    caps = torch.cpu.get_capabilities()
+    words = this_machine()
+    assert words.startswith(caps.get("cpu_name", "CPU")) and "bf16" in words
+    native = any(caps.get(f, False) for f in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    assert ("no native bf16" in words) != native
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_declares_a_valid_result(name):
     cfg = compose_cfg(f"recipe={name}")
@@ -58,6 +98,10 @@ def test_invalid_expect_block_is_a_config_error():
     lines = problems(cfg)
     assert any(line.startswith("expect.mode='lowest': must be one of min, max") for line in lines), lines
     assert any(line.startswith("expect.short=") for line in lines), lines
+    cfg = compose_cfg("recipe=mnist_vae", "++expect.wall_time_s=-3", "++expect.short.wall_time_s=0")
+    lines = problems(cfg)
+    assert any(line.startswith("expect.wall_time_s=-3: ") for line in lines), lines
+    assert any(line.startswith("expect.short=") and "wall_time_s: seconds > 0" in line for line in lines), lines
 
 
 def test_unknown_recipe_exits_2_with_a_suggestion(tmp_path):
@@ -89,6 +133,14 @@ def test_missed_target_and_crash_are_reported(mnist_root, tmp_path):
     assert row["status"] == "FAILED" and row["value"] > 150 and row["rule"] == "test_loss <= 51 (target 50 + 1)"
     assert row["extra"]["step"] == 20
     assert "python train.py recipe=mnist_vae_baseline trainer.max_epochs=1" in row["command"]
+    # A run that reaches its target in more than twice the time it declares: SLOW, a failure, with both times.
+    proc, report = check("mnist_vae_baseline", f"data.root={mnist_root}", "trainer.max_steps=2",
+                         "expect.short.target=1000", "++expect.short.wall_time_s=0.5", f"--out={tmp_path / 's'}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (row,) = report["results"]
+    assert row["status"] == "SLOW" and row["declared_s"] == 0.5 and min(row["wall_s"], row["cpu_s"]) > 1.0
+    assert "x the 0.5 s it declares (limit 2x" in row["reason"] and report["time_factor"] == 2.0
+    assert "SLOW" in proc.stdout and "0.5 s" in proc.stdout and f"this machine: {this_machine()}" in proc.stdout
     # A run that cannot start: error with the reason from its log; the next recipe still runs.
     proc, report = check("mnist_vae_baseline", "mnist_vae", "data.root=/nonexistent/data", "trainer.max_steps=2",
                          f"--out={tmp_path / 'b'}")
@@ -99,7 +151,9 @@ def test_missed_target_and_crash_are_reported(mnist_root, tmp_path):
 
 @pytest.mark.slow
 def test_every_short_version_reaches_its_target(mnist_root, tmp_path):
-    proc, report = check(f"data.root={mnist_root}", f"--out={tmp_path}")
+    # Results, not speed: --time-factor=0 (this suite runs beside other work; the time check has its own tests,
+    # and the declared times are checked by `make check-recipes`).
+    proc, report = check(f"data.root={mnist_root}", f"--out={tmp_path}", "--time-factor=0")
     assert report is not None, proc.stdout + proc.stderr
     rows = {r["recipe"]: r for r in report["results"]}
     assert sorted(rows) == RECIPES

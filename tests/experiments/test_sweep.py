@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import experiments.sweep  # noqa: F401  (registers ${kiln.direction:...})
+from experiments.sweep import Ledger, collect, key_hash
 from tests.conftest import ROOT, run_cli
 
 TINY = ("trainer.max_steps=2", "trainer.pictures=false", "trainer.eval_interval=0", "trainer.log_interval=1",
@@ -37,29 +39,29 @@ def test_failed_job_is_reported_and_a_rerun_skips_the_finished(mnist_root, tmp_p
 
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["counts"] == {"finished": 3, "failed": 1, "interrupted": 0}
-    assert summary["monitor"] == {"metric": "test_loss", "mode": "min"} and summary["swept"] == ["optimizer.lr"]
+    assert summary["monitor"] == {"metric": "val_loss", "mode": "min"} and summary["swept"] == ["optimizer.lr"]
     runs = summary["runs"]
     finished, failed = runs[:3], runs[3]
-    losses = [r["final/test_loss"] for r in finished]
+    losses = [r["final/val_loss"] for r in finished]
     assert losses == sorted(losses) and all(r["status"] == "finished" and r["step"] == 2 for r in finished)
     assert failed["status"] == "failed" and failed["params"] == {"optimizer.lr": "-1"}
     assert "ConfigError" in failed["error"] and "-1" in failed["error"]
     # The numbers are the runs' own: final_metrics.json of each job directory.
     for r in finished:
         final = json.loads((sweep_dir / r["run_dir"] / "final_metrics.json").read_text())
-        assert r["final/test_loss"] == final["test_loss"] == r["best/test_loss"]
+        assert r["final/val_loss"] == final["val_loss"] == r["best/val_loss"]
     status = json.loads((sweep_dir / failed["run_dir"] / "status.json").read_text())
     assert status["status"] == "failed" and status["exit_code"] == 2
     # The printed table, the CSV and TensorBoard's hparams view.
-    assert "3 finished, 1 failed" in out.stdout and "failed" in out.stdout and "test_loss (min)" in out.stdout
+    assert "3 finished, 1 failed" in out.stdout and "failed" in out.stdout and "val_loss (min)" in out.stdout
     with open(sweep_dir / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0])[:4] == ["run_dir", "optimizer.lr", "status", "final/test_loss"]
+    assert list(table[0])[:4] == ["run_dir", "optimizer.lr", "status", "final/val_loss"]
     assert [(r["run_dir"], r["status"]) for r in table] == [(r["run_dir"], r["status"]) for r in runs]
-    assert [float(r["final/test_loss"]) for r in table[:3]] == losses
+    assert [float(r["final/val_loss"]) for r in table[:3]] == losses
     for r in finished:
         tb = _hparams(sweep_dir / "hparams" / r["run_dir"])
-        assert tb["hparam/final/test_loss"] == pytest.approx(r["final/test_loss"], rel=1e-6)
+        assert tb["hparam/final/val_loss"] == pytest.approx(r["final/val_loss"], rel=1e-6)
     assert not (sweep_dir / "hparams" / failed["run_dir"]).exists()
 
     # Re-running the same sweep into the same directory trains nothing that finished; the failed job tries again.
@@ -112,5 +114,92 @@ def test_optuna_sweeper_with_the_joblib_launcher(mnist_root, tmp_path):
     assert summary["counts"]["finished"] == 2
     assert set(summary["swept"]) == {"optimizer.lr", "regularize.weight_decay"}
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert best["best_value"] == summary["runs"][0]["final/test_loss"]
+    assert best["best_value"] == summary["runs"][0]["final/val_loss"]
     assert float(summary["runs"][0]["params"]["optimizer.lr"]) == best["best_params"]["optimizer.lr"]
+
+
+def _summary_rows(sweep_dir: Path) -> dict[str, dict]:
+    """summary.json's rows by their optimizer override."""
+    runs = json.loads((sweep_dir / "summary.json").read_text())["runs"]
+    return {dict(o.split("=", 1) for o in r["overrides"])["optimizer"]: r for r in runs}
+
+
+def test_two_sweeps_into_one_directory_keep_both_results(mnist_root, tmp_path):
+    """Issue 11 item 1: `-m optimizer=adam,sgd` then `-m optimizer=lion,sgd` into one sweep directory. Before the fix,
+    lion took job directory 0, adam's files moved to 0/previous_attempt_1 and adam's ledger line still pointed at 0:
+    the table showed lion's result as adam's and a re-run "skipped" adam with lion's metric."""
+    sweep_dir = tmp_path / "sweep"
+    common = (f"data.root={mnist_root}", *TINY, f"hydra.sweep.dir={sweep_dir}")
+    first = run_cli("-m", "optimizer=adam,sgd", *common)
+    assert first.returncode == 0, first.stderr
+    before = _summary_rows(sweep_dir)
+    second = run_cli("-m", "optimizer=lion,sgd", *common)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("skipped:") == 1  # sgd, the same job, finished in the first sweep
+
+    rows = _summary_rows(sweep_dir)
+    assert sorted(rows) == ["adam", "lion", "sgd"] and len({r["run_dir"] for r in rows.values()}) == 3
+    target = {"adam": "torch.optim.Adam", "lion": "optim.lion.Lion", "sgd": "torch.optim.SGD"}
+    for name, row in rows.items():  # every row's numbers and config come from that job's own directory
+        run_dir = sweep_dir / row["run_dir"]
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"]["_target_"] == target[name]
+        assert f"optimizer={name}" in json.loads((run_dir / "status.json").read_text())["overrides"]
+        assert row["final/test_loss"] == json.loads((run_dir / "final_metrics.json").read_text())["test_loss"]
+    assert rows["adam"]["final/test_loss"] == before["adam"]["final/test_loss"]
+    assert rows["adam"]["final/test_loss"] != rows["lion"]["final/test_loss"]
+
+    # The first sweep again: both of its jobs finished, so nothing trains and adam keeps its own result.
+    stamps = {n: (sweep_dir / r["run_dir"] / "final_metrics.json").stat().st_mtime_ns for n, r in rows.items()}
+    again = run_cli("-m", "optimizer=adam,sgd", *common)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped:") == 2
+    assert stamps == {n: (sweep_dir / r["run_dir"] / "final_metrics.json").stat().st_mtime_ns
+                      for n, r in rows.items()}
+    assert _summary_rows(sweep_dir)["adam"]["final/test_loss"] == before["adam"]["final/test_loss"]
+
+
+def _claim_many(sweep_dir: Path, worker: int, n: int, queue, barrier) -> None:
+    ledger = Ledger(sweep_dir)
+    got = {}
+    for i in range(n):  # every worker asks for the same first choice ("0", "1", ...) at the same moment
+        key = f"job {i} of worker {worker} #{worker:016x}"
+        barrier.wait(timeout=60)
+        got[key] = ledger.claim(key, [], [str(i), f"{i}-{key_hash(key)}"])
+        ledger.append({"key": key, "status": "finished", "overrides": [], "run_dir": got[key], "final": {}})
+    queue.put(got)
+
+
+def test_parallel_processes_never_give_one_directory_to_two_jobs(tmp_path):
+    """Six processes claim directories in one ledger at once (two sweeps, or joblib/SLURM jobs, sharing a sweep
+    directory): every key gets a directory of its own and every line of the ledger stays whole."""
+    ctx = multiprocessing.get_context("fork")
+    queue, barrier = ctx.Queue(), ctx.Barrier(6)
+    procs = [ctx.Process(target=_claim_many, args=(tmp_path, w, 25, queue, barrier)) for w in range(6)]
+    for proc in procs:
+        proc.start()
+    claims = {k: v for _ in procs for k, v in queue.get(timeout=120).items()}
+    for proc in procs:
+        proc.join(timeout=60)
+    assert len(claims) == 150 and None not in claims.values()
+    assert len(set(claims.values())) == 150
+    raw = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert len(raw) == 300 and all(json.loads(line)["key"] in claims for line in raw)
+    assert Ledger(tmp_path).dirs() == claims
+
+
+def test_a_finished_result_is_trusted_only_in_its_own_directory(tmp_path):
+    """A ledger written by the old code after two sweeps into one directory: adam and lion both name directory 0,
+    which now holds lion's run. Neither result may be reported as adam's; adam runs again."""
+    run_dir = tmp_path / "0"
+    run_dir.mkdir()
+    (run_dir / "final_metrics.json").write_text(json.dumps({"step": 2, "test_loss": 546.1}))
+    (run_dir / "status.json").write_text(json.dumps({"status": "finished", "key": "optimizer=lion #2"}))
+    old = [("optimizer=adam #1", "optimizer=adam", 511.3), ("optimizer=lion #2", "optimizer=lion", 546.1)]
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(
+        {"key": k, "status": "finished", "overrides": [o], "run_dir": "0", "final": {"test_loss": v}}) + "\n"
+        for k, o, v in old))
+    ledger = Ledger(tmp_path)
+    assert ledger.finished("optimizer=adam #1") is None
+    rows = {r["overrides"][0]: r for r in collect(tmp_path, "test_loss", "min")}
+    assert rows["optimizer=adam"]["final/test_loss"] is None and rows["optimizer=adam"]["status"] == "failed"
+    assert ledger.claim("optimizer=sgd #3", [], ["0", "0-x"]) == "0-x"  # 0 has an owner: never a third key's

@@ -53,6 +53,22 @@ def check_against(actual: list[list[torch.Tensor]], expected: list[list[torch.Te
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, where=where: f"{where}: {m}")
 
 
+# -- the cautious options, written from their papers (optim/cautious.py implements them) ------------------------
+CAUTION = [dict(cautious=False, cautious_wd=False), dict(cautious=True, cautious_wd=False),
+           dict(cautious=False, cautious_wd=True), dict(cautious=True, cautious_wd=True)]
+
+
+def _caution(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Cautious masking (2411.16085): keep u where u*g > 0, rescale by 1/max(fraction kept, 1e-3)."""
+    keep = (u * g > 0).to(u.dtype)
+    return u * keep / max(keep.mean().item(), 1e-3)
+
+
+def _decay(p: torch.Tensor, u: torch.Tensor, wd: float, cautious_wd: bool) -> torch.Tensor:
+    """The decoupled decay term wd*p, only where u*p >= 0 with cautious weight decay (2510.12402)."""
+    return wd * p * ((u * p >= 0).to(p.dtype) if cautious_wd else 1.0)
+
+
 # -- convergence and state_dict -------------------------------------------------------------------------------
 def quadratic(p: torch.Tensor) -> torch.Tensor:
     """Ill-conditioned convex quadratic with minimum 0 at p = 1 (condition number 100)."""

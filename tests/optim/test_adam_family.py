@@ -24,7 +24,16 @@ from optim.diffgrad import DiffGrad
 from optim.lamb import Lamb
 from optim.lion import Lion
 from tests.conftest import compose_cfg
-from tests.optim.harness import assert_converges, assert_state_dict_lockstep, quadratic, rosenbrock, stepped
+from tests.optim.harness import (
+    CAUTION,
+    _caution,
+    _decay,
+    assert_converges,
+    assert_state_dict_lockstep,
+    quadratic,
+    rosenbrock,
+    stepped,
+)
 
 F64 = torch.float64
 
@@ -68,17 +77,6 @@ def _per_tensor(ref, starts, grads, hps: list[dict]) -> list[list[torch.Tensor]]
 
 
 # -- hand references of the published rules ------------------------------------------------------------------
-def _caution(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Cautious masking (2411.16085): keep u where u*g > 0, rescale by 1/max(fraction kept, 1e-3)."""
-    keep = (u * g > 0).to(u.dtype)
-    return u * keep / max(keep.mean().item(), 1e-3)
-
-
-def _decay(p: torch.Tensor, u: torch.Tensor, wd: float, cautious_wd: bool) -> torch.Tensor:
-    """The decoupled decay term wd*p, only where u*p >= 0 with cautious weight decay (2510.12402)."""
-    return wd * p * ((u * p >= 0).to(p.dtype) if cautious_wd else 1.0)
-
-
 def ref_adamw(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd=False):
     b1, b2 = betas
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
@@ -106,7 +104,9 @@ def ref_lion(p, grads, lr, betas, weight_decay, cautious=False, cautious_wd=Fals
     return out
 
 
-def ref_lamb(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd=False):
+def ref_lamb(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd=False, always_adapt=False):
+    """LAMB (1904.00962) as timm's and NVIDIA apex's default runs it: the trust ratio ||p||/||r|| only where weight
+    decay applies (timm: `if weight_decay != 0 or always_adapt`), 1 where either norm is zero."""
     b1, b2 = betas
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
     for t, g in enumerate(grads, 1):
@@ -118,7 +118,7 @@ def ref_lamb(p, grads, lr, betas, eps, weight_decay, cautious=False, cautious_wd
         r = u + _decay(p, u, weight_decay, cautious_wd)
         p_norm, r_norm = math.sqrt((p * p).sum().item()), math.sqrt((r * r).sum().item())
         trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
-        p = p - lr * trust * r
+        p = p - lr * (trust if weight_decay != 0 or always_adapt else 1.0) * r
         out.append(p)
     return out
 
@@ -137,16 +137,22 @@ def ref_adam_atan2(p, grads, lr, betas, weight_decay, a=1.27, b=1.0, cautious=Fa
     return out
 
 
-def ref_adam_softplus(p, grads, lr, betas, weight_decay, softplus_beta, threshold):
+def ref_adam_softplus(p, grads, lr, betas, weight_decay, softplus_beta, threshold, cautious=False,
+                      cautious_wd=False):
+    """The authors' Sadam (optimizer/Sadam.py in github.com/neilliang90/Sadam, amsgrad off): softplus of the raw
+    sqrt(v), the bias corrections in the step size lr*sqrt(1-b2^t)/(1-b1^t); decay decoupled as in AdamW."""
     b1, b2 = betas
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
     for t, g in enumerate(grads, 1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        x = torch.sqrt(v / (1 - b2**t))
+        x = torch.sqrt(v)
         smooth = torch.log(1 + torch.exp(softplus_beta * x)) / softplus_beta  # log(1 + e^(beta x))/beta
         den = torch.where(softplus_beta * x > threshold, x, smooth)
-        p = p - lr * weight_decay * p - lr * (m / (1 - b1**t)) / den
+        u = math.sqrt(1 - b2**t) / (1 - b1**t) * m / den
+        if cautious:
+            u = _caution(u, g)
+        p = p - lr * _decay(p, u, weight_decay, cautious_wd) - lr * u
         out.append(p)
     return out
 
@@ -191,8 +197,9 @@ def ref_adanorm(p, grads, lr, betas, eps, weight_decay, gamma, corrected_steps: 
     return out
 
 
-def ref_adams(starts, grads, hps):
-    """AdamS over the whole model: v_bar is the mean of v_hat over every element of both tensors."""
+def ref_adams(starts, grads, hps, cautious=False, cautious_wd=False):
+    """AdamS over the whole model: v_bar is the mean of v_hat over every element of both tensors; the decay
+    wd/sqrt(v_bar)*p is decoupled, so the cautious options act on it as on AdamW's."""
     ps = [s.clone() for s in starts]
     ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
     out = []
@@ -205,14 +212,15 @@ def ref_adams(starts, grads, hps):
         v_bar = torch.cat([vh.flatten() for vh in v_hats]).mean().item()
         for i, hp in enumerate(hps):
             u = (ms[i] / (1 - hp["betas"][0] ** t)) / (torch.sqrt(v_hats[i]) + hp["eps"])
-            ps[i] = ps[i] - hp["lr"] * hp["weight_decay"] / math.sqrt(v_bar) * ps[i] - hp["lr"] * u
+            if cautious:
+                u = _caution(u, step_grads[i])
+            decay = _decay(ps[i], u, hp["weight_decay"] / math.sqrt(v_bar), cautious_wd)
+            ps[i] = ps[i] - hp["lr"] * decay - hp["lr"] * u
         out.append([p.clone() for p in ps])
     return out
 
 
 # -- first three steps against the references -----------------------------------------------------------------
-CAUTION = [dict(cautious=False, cautious_wd=False), dict(cautious=True, cautious_wd=False),
-           dict(cautious=False, cautious_wd=True), dict(cautious=True, cautious_wd=True)]
 
 # (optimizer class, reference, group-0 hyperparameters, group-1 overrides)
 FAMILY = {
@@ -237,21 +245,48 @@ def test_first_three_steps_match_the_published_rule(name, caution):
     _assert_matches(got, want)
 
 
-@pytest.mark.parametrize("name", list(FAMILY))
-def test_each_cautious_option_changes_the_trajectory(name):
-    """Guards the test above: on its gradients each option masks something, so a no-op would fail it."""
-    cls, _, hp0, hp1 = FAMILY[name]
-    runs = [_run(_two_groups(cls, {**hp0, **c}, hp1), _starts(), _grads())[-1] for c in CAUTION]
-    for c, run in zip(CAUTION[1:], runs[1:]):
-        assert any(not torch.equal(a, b) for a, b in zip(run, runs[0])), c
-
-
-def test_adam_softplus_first_three_steps():
-    hp0 = dict(lr=0.1, betas=(0.9, 0.999), weight_decay=0.1, softplus_beta=50.0, threshold=20.0)
-    hp1 = dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.0, softplus_beta=10.0, threshold=2.0)  # both branches
+@pytest.mark.parametrize("name", list(FAMILY) + ["adam_softplus", "adams"])
+def test_each_cautious_option_changes_the_reference(name):
+    """Guards the reference tests of the cautious options: on their gradients each option changes the reference's
+    own trajectory (its masks switch coordinates off), so an implementation whose option did nothing could not
+    match it."""
     starts, grads = _starts(), _grads()
-    got = _run(_two_groups(AdamSoftplus, hp0, hp1), starts, grads)
-    _assert_matches(got, _per_tensor(ref_adam_softplus, starts, grads, [hp0, {**hp0, **hp1}]))
+    if name == "adams":
+        hp = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+        runs = [ref_adams(starts, grads, [hp, hp], **c)[-1] for c in CAUTION]
+    else:
+        ref, hp = (ref_adam_softplus, SOFTPLUS[0]) if name == "adam_softplus" else FAMILY[name][1:3]
+        runs = [_per_tensor(ref, starts, grads, [{**hp, **c}] * 2)[-1] for c in CAUTION]
+    for c, run in zip(CAUTION[1:], runs[1:]):
+        assert all(not torch.equal(a, b) for a, b in zip(run, runs[0])), c
+
+
+SOFTPLUS = (dict(lr=0.1, betas=(0.9, 0.999), weight_decay=0.1, softplus_beta=50.0, threshold=20.0),
+            dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.5, softplus_beta=300.0, threshold=2.0))  # both branches
+
+
+@pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
+def test_adam_softplus_first_three_steps(caution):
+    hp0, hp1 = SOFTPLUS
+    starts, grads = _starts(), _grads()
+    got = _run(_two_groups(AdamSoftplus, {**hp0, **caution}, hp1), starts, grads)
+    _assert_matches(got, _per_tensor(ref_adam_softplus, starts, grads, [{**hp0, **caution},
+                                                                        {**hp0, **caution, **hp1}]))
+
+
+def test_adam_softplus_first_step_in_closed_form():
+    """Step 1: m = (1-b1)g, sqrt(v) = sqrt(1-b2)|g|, step size lr*sqrt(1-b2)/(1-b1), so
+    p1 = -lr*sqrt(1-b2)*g / softplus_50(sqrt(1-b2)|g|). For |g| <= 0.1 the softplus floor log(2)/50 dominates
+    and the step is far below lr (softplus of the bias-corrected sqrt(v_hat) = |g| gave steps near lr)."""
+    g = torch.tensor([0.1, -0.01, 1e-3, -5.0], dtype=F64)
+    p = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = AdamSoftplus([p], lr=0.01, betas=(0.9, 0.999), softplus_beta=50.0)
+    p.grad = g.clone()
+    opt.step()
+    x = math.sqrt(0.001) * g.abs()
+    want = -0.01 * math.sqrt(0.001) * g / (torch.log1p(torch.exp(50.0 * x)) / 50.0)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=0.0)
+    assert (p.detach()[:3].abs() < 0.01 * 0.25).all()  # small gradients: a fraction of lr
 
 
 def test_diffgrad_first_three_steps():
@@ -281,16 +316,13 @@ def test_adanorm_first_three_steps_including_the_norm_correction():
     _assert_matches(_run(_two_groups(AdaNorm, hp0, hp1), starts, grads), want)
 
 
-@pytest.mark.parametrize("caution", CAUTION[:2] + CAUTION[3:], ids=["plain", "cautious", "both"])
+@pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
 def test_adams_first_three_steps_with_whole_model_second_moment(caution):
     hp0 = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     hp1 = dict(lr=0.03, betas=(0.8, 0.99), weight_decay=0.5)
     starts, grads = _starts(), _grads()
     got = _run(_two_groups(AdamS, {**hp0, **caution}, hp1), starts, grads)
-    if caution["cautious"]:  # AdamS has the options too; the plain reference must then differ
-        assert not torch.equal(got[-1][0], ref_adams(starts, grads, [hp0, {**hp0, **hp1}])[-1][0])
-        return
-    _assert_matches(got, ref_adams(starts, grads, [hp0, {**hp0, **hp1}]))
+    _assert_matches(got, ref_adams(starts, grads, [hp0, {**hp0, **hp1}], **caution))
 
 
 # -- closed forms ---------------------------------------------------------------------------------------------
@@ -319,13 +351,20 @@ def test_adam_atan2_first_step_and_gradient_scale_invariance():
         _assert_matches(scaled, base)
 
 
-def test_adam_with_eps_is_not_scale_invariant():
-    """The contrast that makes the atan2 test meaningful: Adam's eps breaks invariance at small gradients."""
-    starts, grads = _starts(), _grads()
-    make = _two_groups(AdamW, dict(lr=0.1, weight_decay=0.1, eps=1e-8), dict(lr=0.03))
-    base = _run(make, starts, grads)[-1]
-    tiny = _run(make, starts, [[1e-6 * g for g in step] for step in grads])[-1]
-    assert not torch.allclose(tiny[1], base[1], rtol=1e-6, atol=0.0)
+@pytest.mark.parametrize("scale", [1.0, 1e-6])
+def test_adam_with_eps_is_not_scale_invariant(scale):
+    """The contrast that makes the atan2 test meaningful. Adam's first step with gradient c*g is
+    -lr*c*g/(c*|g| + eps) (m_hat = c*g, sqrt(v_hat) = c*|g|): sign(g) while c*|g| >> eps, shrunk where it is
+    not, so tiny gradients change the step where atan2's a*pi/4*sign(g) stays."""
+    g = torch.tensor([1.0, -1e-2, 1e-3, -1e-4], dtype=F64)
+    p = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = AdamW([p], lr=0.1, eps=1e-8, weight_decay=0.0)
+    p.grad = scale * g
+    opt.step()
+    want = -0.1 * scale * g / (scale * g.abs() + 1e-8)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=0.0)
+    if scale < 1:  # 1e-10 against eps 1e-8: about 1% of a step
+        assert abs(want[3].item()) < 0.002
 
 
 def test_cautious_mask_zeroes_disagreeing_coordinates_and_rescales_the_rest():
@@ -362,11 +401,41 @@ def test_lamb_trust_ratio_sets_the_step_length_per_tensor():
     """One step moves each tensor by exactly lr*||p|| (the direction is r/||r||), and a zero tensor by lr*||r||."""
     starts, grads = _starts(), _grads()
     starts[1] = torch.zeros(4, dtype=F64)
-    got = _run(lambda ps: Lamb(ps, lr=0.01, weight_decay=0.0), starts, grads[:1])[0]
+    got = _run(lambda ps: Lamb(ps, lr=0.01, weight_decay=0.0, always_adapt=True), starts, grads[:1])[0]
     torch.testing.assert_close(torch.linalg.vector_norm(got[0] - starts[0]),
                                0.01 * torch.linalg.vector_norm(starts[0]), rtol=1e-12, atol=0.0)
     g = grads[0][1]  # first step r = m_hat/(sqrt(v_hat)+eps) = g/(|g| + eps) and the trust ratio falls back to 1
     torch.testing.assert_close(got[1], -0.01 * g / (g.abs() + 1e-6), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("always_adapt", [False, True])
+def test_lamb_adapts_only_where_weight_decay_applies_unless_always_adapt(always_adapt):
+    hp0 = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1, always_adapt=always_adapt)
+    hp1 = dict(lr=0.03, weight_decay=0.0)  # kiln's no_decay group
+    starts, grads = _starts(), _grads()
+    got = _run(_two_groups(Lamb, hp0, hp1), starts, grads)
+    _assert_matches(got, _per_tensor(ref_lamb, starts, grads, [hp0, {**hp0, **hp1}]))
+
+
+def test_lamb_moves_zero_initialised_biases_like_adam():
+    """A zero bias in the no_decay group: with the trust ratio it starts from ||p|| = 0 and crawls (norm 0.005
+    after 500 steps at lr 1e-3); timm's/apex's default leaves it the plain Adam step (norm 0.92 here)."""
+    g = torch.Generator().manual_seed(4)
+    grads = [[torch.randn(6, 4, generator=g, dtype=F64), 0.5 + torch.randn(16, generator=g, dtype=F64)]
+             for _ in range(500)]
+    starts = [torch.randn(6, 4, generator=g, dtype=F64), torch.zeros(16, dtype=F64)]
+
+    def run(**kw):
+        params = [torch.nn.Parameter(s.clone()) for s in starts]
+        opt = Lamb([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-3,
+                   weight_decay=0.01, **kw)
+        return stepped(opt, params, grads)[-1][1]
+
+    adam = ref_adamw(starts[1], [gs[1] for gs in grads], lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
+                     weight_decay=0.0)[-1]
+    torch.testing.assert_close(run(), adam, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.vector_norm(adam) > 0.5
+    assert torch.linalg.vector_norm(run(always_adapt=True)) < 0.1  # the old behaviour, now an option
 
 
 # -- the AdamW factory behind conf/optimizer/adamw.yaml -------------------------------------------------------
@@ -508,7 +577,8 @@ CONVERGE = {
     "lion": (lambda p: Lion(p, lr=0.002), ([0.0] * 8, 1000, 1e-12), ([-1.0, 1.0], 3000, 1e-2)),
     # The trust ratio makes every step lr*||p|| long, so LAMB stalls near p = 0: start away from the origin and
     # allow the floor that a constant lr leaves.
-    "lamb": (lambda p: Lamb(p, lr=0.001, weight_decay=0.0), ([0.5] * 8, 1500, 1e-3), ([0.5, 1.5], 1000, 1e-2)),
+    "lamb": (lambda p: Lamb(p, lr=0.001, weight_decay=0.0, always_adapt=True), ([0.5] * 8, 1500, 1e-3),
+             ([0.5, 1.5], 1000, 1e-2)),
     "adam_atan2": (lambda p: AdamAtan2(p, lr=0.05), ([0.0] * 8, 500, 1e-12), ([-1.0, 1.0], 2000, 1e-2)),
     "adam_atan2_cautious": (lambda p: AdamAtan2(p, lr=0.05, cautious=True),
                             ([0.0] * 8, 500, 1e-12), ([-1.0, 1.0], 2000, 1e-4)),

@@ -36,7 +36,8 @@ def test_every_schedule_plots_without_data(name, tmp_path, monkeypatch):
 def test_horizon_from_epochs_and_steps_per_epoch():
     cfg, name = plot.compose_config(["schedule=wsd", "trainer.max_epochs=3"])
     assert name == "wsd"
-    assert plot.horizon_of(cfg, None).total_steps == 3 * (60_000 // 128)  # MNIST, batch 128: 468 per epoch
+    # MNIST less the 5000 validation images, batch 128: 429 steps per epoch
+    assert plot.horizon_of(cfg, None).total_steps == 3 * (55_000 // 128)
     h = plot.horizon_of(cfg, 10)
     assert (h.total_steps, h.steps_per_epoch) == (30, 10)
 

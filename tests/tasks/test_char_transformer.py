@@ -1,4 +1,6 @@
-"""The character-level GPT: a real causal mask, a sane initial loss, fixed eval batches, a CLI run that learns."""
+"""The character-level GPT: a real causal mask, a sane initial loss, fixed eval batches during training and the
+whole validation split at the end, generation with a key/value cache equal to generation without, a CLI run that
+learns."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.char_transformer import CharTransformer
-from tasks.gpt import GPT
+from tasks.gpt import GPT, KVCache
 from tasks.norm import norm_layer
 from tests.conftest import run_cli
 from trainer.errors import DataNotFoundError
@@ -62,19 +64,68 @@ def test_eval_uses_the_same_batches_every_time(text_file):
     assert len(task.val_starts) == 3 and all(torch.equal(a, b) for a, b in zip(other.val_starts, task.val_starts))
 
 
-def test_default_eval_is_the_whole_validation_split(text_file):
-    """eval_batches=null: every validation character is predicted once, from non-overlapping block_size windows;
-    the value equals the per-character cross-entropy computed here window by window."""
-    task = CharTransformer(str(text_file), block_size=16, batch_size=4, n_layer=1, n_head=1, n_embd=16,
-                           eval_batch_size=7)
-    task.setup(torch.device("cpu"))
-    model = task.build_model().eval()
-    v, T = task.val_tokens, 16
+def split_loss_by_hand(model: GPT, v: torch.Tensor, T: int) -> tuple[float, int]:
+    """Per-character cross-entropy over non-overlapping windows of the whole split, window by window."""
     n = (len(v) - 1) // T
     losses = [F.cross_entropy(model(v[i * T : (i + 1) * T][None])[0], v[i * T + 1 : (i + 1) * T + 1], reduction="sum")
               for i in range(n)]
-    assert sum(len(s) for s in task.val_starts) == n
-    assert task.evaluate(model)["val_loss"] == pytest.approx(sum(losses).item() / (n * T), rel=1e-6)
+    return sum(losses).item() / (n * T), n
+
+
+def test_final_figure_is_the_whole_validation_split(text_file):
+    """By default evaluations during training score the fixed windows and final_metrics the whole split: every
+    validation character predicted once, from non-overlapping block_size windows."""
+    task = CharTransformer(str(text_file), block_size=16, batch_size=4, n_layer=1, n_head=1, n_embd=16,
+                           eval_batches=2, eval_batch_size=7)
+    task.setup(torch.device("cpu"))
+    model = task.build_model().eval()
+    expected, n = split_loss_by_hand(model, task.val_tokens, 16)
+    assert sum(len(s) for s in task.val_starts) == 14 and sum(len(s) for s in task.split_starts) == n
+    assert task.final_metrics(model)["val_loss"] == pytest.approx(expected, rel=1e-6)
+    windows = task.evaluate(model)["val_loss"]
+    by_hand = [F.cross_entropy(model(task.val_tokens[s : s + 16][None])[0], task.val_tokens[s + 1 : s + 17])
+               for s in torch.cat(task.val_starts).tolist()]
+    assert windows == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-6)
+    assert windows != pytest.approx(expected, rel=1e-6)  # a different set of windows: a different figure
+
+
+def test_eval_batches_null_scores_the_whole_split_every_time(text_file):
+    task = CharTransformer(str(text_file), block_size=16, batch_size=4, n_layer=1, n_head=1, n_embd=16,
+                           eval_batches=None, eval_batch_size=7)
+    task.setup(torch.device("cpu"))
+    model = task.build_model().eval()
+    assert task.evaluate(model)["val_loss"] == pytest.approx(split_loss_by_hand(model, task.val_tokens, 16)[0],
+                                                             rel=1e-6)
+    assert task.final_metrics(model) == {}  # the trainer's last evaluation already is the whole split
+    task.eval_batches, task.final_whole_split = 2, False
+    assert task.final_metrics(model) == {}
+
+
+def test_a_cached_forward_equals_the_full_forward():
+    """Prefill 5 positions, then one position at a time through the cache: the logits of every position are the
+    full causal forward's (float64: equal to rounding)."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32).double().eval()
+    x = torch.randint(11, (3, 16))
+    full = model(x)
+    cache = KVCache()
+    parts = [model(x[:, :5], cache)] + [model(x[:, t : t + 1], cache) for t in range(5, 12)]
+    parts.append(model(x[:, 12:], cache))  # several new positions at once after a prefix: the mask is offset
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
+    assert cache.length == 16
+    with pytest.raises(ValueError, match="longer than block_size=16"):
+        model(x[:, :1], cache)
+
+
+@pytest.mark.parametrize("prompt,new", [(1, 15), (1, 40), (5, 3)])
+def test_generation_with_the_cache_equals_generation_without(prompt, new):
+    """The same seed gives the same tokens, within the block (cached) and past it (the window slides)."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32).double().eval()
+    start = torch.randint(11, (2, prompt))
+    runs = [model.generate(start, new, generator=torch.Generator().manual_seed(7), use_cache=c) for c in (True, False)]
+    assert runs[0].shape == (2, prompt + new) and torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][:, :prompt], start)
 
 
 def test_split_is_90_10_and_vocab_sorted(text_file):

@@ -1,0 +1,364 @@
+"""The plan of a comparison: the compared axis and its options, each option's composed config, the step budget and
+its rungs, the learning-rate grid, the seeds, and the command line of every trial.
+
+The command line is train.py's plus flags. Exactly one argument lists several values in Hydra's override grammar
+(`optimizer=adamw,lion`, `regularize.dropout=0,0.1,0.25`): that is the compared axis, a config group or any key.
+Every other argument is an ordinary override applied to every run. Each option is composed exactly as
+`python train.py <overrides>` composes it (Hydra's compose API, the axis replaced by the option in place), so a
+recipe's values apply to each option as they would in a plain run, and every option is checked by the config
+validator (trainer/validate.py) before anything runs: all problems of all options are reported at once.
+
+A trial's command line is the user's overrides with the option, then the protocol's keys: `trainer.max_steps`
+(its rung's length), `trainer.seed`, the tuned `optimizer.lr` and `--tune` keys, and (unless the user set them)
+`trainer.eval_interval` in steps of the full run, so every option and every rung is evaluated at the same steps,
+plus `trainer.checkpoint_interval=0 trainer.pictures=false trainer.histogram_interval=0` (nothing compare reads),
+and the option's schedule durations written in steps or epochs as fractions of the full run (scaled_schedule), so
+that every rung trial is a scaled copy of the full run.
+Trial configs are the option's composed config with these keys set through the same override parser Hydra uses,
+which gives the same config (and ledger key) as composing the whole command line (tests check it) at a fraction
+of the cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+LR_KEY = "optimizer.lr"
+GRID = tuple(range(-4, 5))  # LR exponents in half-decades: 9 points, 10^-2 .. 10^2 x the option's own default
+EXTRA_POINTS = 2  # rung 0 adds 2 points: past the grid's edge when the best is there, else either side of the best
+ETA = 3  # successive halving keeps the best 1/ETA of each rung
+RUNG_FRACTIONS = (1 / 9, 1 / 3, 1.0)
+PROTOCOL_KEYS = ("trainer.max_steps", "trainer.seed", LR_KEY)
+ECONOMY = {"trainer.checkpoint_interval": "0", "trainer.pictures": "false", "trainer.histogram_interval": "0"}
+
+
+def lr_multiplier(k: float) -> float:
+    """Grid position k (half-decades) -> the factor on the option's default learning rate."""
+    return 10.0 ** (k / 2)
+
+
+@dataclass
+class Option:
+    label: str  # the value on the command line ("lion")
+    override: str  # "optimizer=lion"
+    cfg: DictConfig  # composed as train.py would
+    default_lr: float | None
+    scaled: list[str] = field(default_factory=list)  # its schedule's step/epoch durations as fractions of the run
+
+
+@dataclass
+class Plan:
+    axis: str
+    options: list[Option]
+    baseline: Option
+    shared: list[str]  # the user's overrides, the axis, budget, seed and LR taken out
+    protocol: list[str]  # eval cadence and economy keys the user did not set
+    budget: int  # optimizer steps of a full run
+    steps_per_epoch: int
+    eval_every: int
+    tune: list[tuple[str, list[str]]]  # extra tuned keys (--tune) and their values as written
+    seeds: list[int]  # the final runs' seeds (paired: seed k is the same for every option)
+    tuning_seed: int
+    screen: bool
+    metric: str
+    mode: str
+    test_metric: str  # reported at the end only, when the task scores a test set
+    command: list[str] = field(default_factory=list)
+    user_lr: str | None = None  # optimizer.lr=... on the command line: every option's "default" (grid centre)
+
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        return tuple(max(1, round(self.budget * f)) for f in RUNG_FRACTIONS)
+
+    @property
+    def rung_sizes(self) -> tuple[int, ...]:
+        """Trials per rung for one option: the grid (x the --tune values) plus the extra points, then 1/ETA each."""
+        n0 = len(GRID) * math.prod(len(v) for _, v in self.tune) + EXTRA_POINTS
+        sizes = [n0]
+        for _ in RUNG_FRACTIONS[1:]:
+            sizes.append(max(1, sizes[-1] // ETA))
+        return tuple(sizes)
+
+    def tuning_steps(self) -> int:
+        """Steps every option spends on tuning, pruned and diverged trials included."""
+        return 0 if self.screen else sum(n * r for n, r in zip(self.rung_sizes, self.rungs, strict=True))
+
+    def overrides(self, option: Option, steps: int, seed: int, lr_k: float | None = None,
+                  extra: tuple[tuple[str, str], ...] = ()) -> list[str]:
+        """The train.py command line of one trial."""
+        args = [option.override if a == _AXIS else a for a in self.shared]
+        args += self.protocol + option.scaled + [f"trainer.max_steps={steps}", f"trainer.seed={seed}"]
+        if lr_k is not None:
+            args.append(f"{LR_KEY}={format_lr(option.default_lr * lr_multiplier(lr_k))}")
+        elif self.user_lr is not None:
+            args.append(f"{LR_KEY}={self.user_lr}")
+        args += [f"{k}={v}" for k, v in extra]
+        return args
+
+    def config(self, option: Option, overrides: list[str]) -> DictConfig:
+        """The config of a trial: the option's composed config with the protocol's keys set (see the docstring)."""
+        cfg = copy.deepcopy(option.cfg)
+        head = len(self.shared)
+        for text in overrides[head:]:
+            key, value = parse_override(text)
+            OmegaConf.update(cfg, key, value, merge=False)
+        return cfg
+
+    def shared_hash(self) -> str:
+        """A hash of the config every run shares: the baseline's as composed (interpolations unresolved, so what
+        depends on the axis, or on the machine's data root, does not count), without the compared axis and the keys
+        the protocol sets per trial (seed, budget of the rung, tuned keys)."""
+        data = OmegaConf.to_container(self.baseline.cfg, resolve=False)
+        drop = [self.axis, *PROTOCOL_KEYS, *(k for k, _ in self.tune)]
+        for key in drop:
+            *parents, leaf = key.split(".")
+            node = data
+            for p in parents:
+                node = node.get(p, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+        text = OmegaConf.to_yaml(OmegaConf.create(data), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_AXIS = "\0axis"  # where the compared option goes in the shared overrides (the user's position)
+
+
+def format_lr(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """key=value -> (key, the value Hydra would set), through Hydra's own override parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    o = OverridesParser.create().parse_overrides([text])[0]
+    return o.key_or_group, o.value()
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `python train.py <overrides>` runs (without the hydra node)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides)
+    return cfg
+
+
+def _group_options(group: str) -> list[str] | None:
+    folder = CONF / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
+
+
+def split_axis(args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
+    """(axis key, option values, overrides with the axis marked by _AXIS, problems)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException as e:
+        return "", [], [], [f"the command line does not parse: {e}"]
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if not sweeps:
+        return "", [], [], ["no compared axis: list the options with commas, e.g. optimizer=adamw,lion or "
+                            "regularize.dropout=0,0.1"]
+    if len(sweeps) > 1:
+        names = ", ".join(o.input_line for o in sweeps)
+        return "", [], [], [f"one compared axis at a time, got {len(sweeps)}: {names} (--tune key=v1,v2 tunes a "
+                            "key per option instead)"]
+    axis = sweeps[0]
+    values = list(axis.sweep_string_iterator())
+    shared = [_AXIS if o is axis else o.input_line for o in parsed]
+    return axis.key_or_group, values, shared, []
+
+
+def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | None, tune: list[str],
+               evals: int, command: list[str]) -> Plan:
+    """Parse, compose and validate everything; raise ConfigError listing every problem at once."""
+    from hydra.errors import HydraException
+
+    from trainer.cli_check import unknown_keys
+    from trainer.validate import did_you_mean, problems
+
+    axis, values, shared, bad = split_axis(args)
+    if bad:
+        raise ConfigError("\n".join(bad))
+    found: list[str] = []
+
+    def add(line: str) -> None:
+        if line not in found:
+            found.append(line)
+
+    if len(values) < 2:
+        add(f"{axis}={','.join(values)}: compare needs at least two options")
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        add(f"{axis}: {', '.join(dupes)} listed twice")
+    if seeds < 1 or (seeds < 2 and not screen):
+        add(f"--seeds {seeds}: the paired test needs at least 2 seeds per option (--screen runs 1)")
+    if baseline is not None and baseline not in values:
+        add(f"--baseline {baseline}: not one of the options ({', '.join(values)})")
+    if axis in ("trainer.max_steps", "trainer.seed"):
+        add(f"{axis}: compare sets it for every trial (the rung's budget, the paired seeds); compare something else")
+    if axis == LR_KEY and not screen:
+        add(f"{axis}: the learning rate is what compare tunes for every option; compare something else, or use "
+            "--screen to run these values as they are")
+    tuned = []
+    for item in tune:
+        key, _, vals = item.partition("=")
+        vals_list = [v for v in vals.split(",") if v]
+        if not key or not vals_list:
+            add(f"--tune {item}: write key=v1,v2,...")
+        elif key in (axis, LR_KEY, *PROTOCOL_KEYS):
+            add(f"--tune {item}: {key} is set by compare itself")
+        else:
+            tuned.append((key, vals_list))
+    if screen and tuned:
+        add("--tune with --screen: screening runs defaults only")
+
+    # The protocol's keys come out of the shared overrides: a user's value becomes the budget / seed / LR default.
+    user: dict[str, str] = {}
+    kept = []
+    for a in shared:
+        key = a.split("=", 1)[0] if a != _AXIS else ""
+        if key in PROTOCOL_KEYS:
+            user[key] = a.split("=", 1)[1]
+        else:
+            kept.append(a)
+    shared = kept
+
+    group_opts = _group_options(axis.split("@")[0])
+    options: list[Option] = []
+    for value in values:
+        if group_opts is not None and value not in group_opts and value != "null":
+            add(f"{axis}={value}: no such option in conf/{axis}/; {did_you_mean(value, group_opts)}")
+            continue
+        override = f"{axis}={value}"
+        line = [override if a == _AXIS else a for a in shared]
+        unknown = unknown_keys(line)
+        for p in unknown:
+            add(p)
+        if unknown:
+            continue  # composing would only fail on the same key
+        try:
+            cfg = compose(line + [f"{k}={v}" for k, v in user.items()])
+        except HydraException as e:
+            add(f"{override}: {str(e).splitlines()[0]}")
+            continue
+        for p in problems(cfg):
+            add(p if len(values) == 1 else f"[{value}] {p}")
+        lr = OmegaConf.select(cfg, LR_KEY, default=None)
+        if not screen and not isinstance(lr, (int, float)):
+            add(f"[{value}] {LR_KEY}: compare tunes it, but this option has none (--screen runs defaults only)")
+            lr = None
+        options.append(Option(value, override, cfg, float(lr) if isinstance(lr, (int, float)) else None))
+    for key, _ in tuned:
+        for opt in options:
+            if OmegaConf.select(opt.cfg, key, default="\0missing") == "\0missing":
+                add(f"--tune {key}=...: [{opt.label}] has no key {key}")
+    monitors = {(str(o.cfg.monitor.metric), str(o.cfg.monitor.mode)) for o in options}
+    if len(monitors) > 1:
+        add(f"the options monitor different metrics ({sorted(monitors)}): compare one task at a time")
+    for metric, _ in monitors:
+        if not metric.startswith("val_"):
+            task = OmegaConf.select(options[0].cfg, "task._target_")
+            add(f"monitor.metric={metric}: compare selects and times on a validation metric (val_...), never on the "
+                f"test set, and {task} monitors {metric}. Give the task a validation split and monitor it "
+                "(monitor.metric=val_...)")
+    if found:
+        raise ConfigError(f"compare: {len(found)} problem{'s' * (len(found) > 1)}:\n"
+                          + "\n".join(f"  {x}" for x in found))
+
+    base = next(o for o in options if o.label == (baseline or values[0]))
+    metric, mode = monitors.pop()
+    budget, steps_per_epoch = _budget(base.cfg)
+    if budget < 9 and not screen:
+        raise ConfigError(f"a full run is {budget} steps: successive halving needs at least 9 (rungs of 1/9 and "
+                          "1/3 of the budget); raise trainer.max_steps or trainer.max_epochs")
+    eval_every, protocol = _cadence(shared, base.cfg, budget, steps_per_epoch, evals)
+    for o in options:
+        o.scaled = scaled_schedule(o.cfg, budget, steps_per_epoch)
+    seed0 = int(user.get("trainer.seed", base.cfg.trainer.seed))
+    return Plan(axis=axis, options=options, baseline=base, shared=shared, protocol=protocol, budget=budget,
+                steps_per_epoch=steps_per_epoch, eval_every=eval_every, tune=tuned,
+                seeds=[seed0 + 1 + k for k in range(seeds)], tuning_seed=seed0, screen=screen, metric=metric,
+                mode=mode, test_metric=metric.replace("val_", "test_", 1), command=command, user_lr=user.get(LR_KEY))
+
+
+def _budget(cfg: DictConfig) -> tuple[int, int]:
+    """(steps of a full run, steps per epoch) as the trainer computes them (the task's data decides the epoch)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from trainer.sampler import SAMPLERS
+
+    task = instantiate(cfg.task)
+    task.setup(torch.device("cpu"))
+    sampler = SAMPLERS[getattr(task, "sampling", "epoch")](task.train_size, task.batch_size, 0, torch.device("cpu"))
+    t = cfg.trainer
+    total = t.max_steps if t.max_steps is not None else t.max_epochs * sampler.steps_per_epoch
+    return int(total), sampler.steps_per_epoch
+
+
+def _cadence(shared: list[str], cfg: DictConfig, budget: int, steps_per_epoch: int,
+             evals: int) -> tuple[int, list[str]]:
+    """Evaluation every `budget / evals` steps (or the user's trainer.eval_interval, turned into steps of the full
+    run), the same steps for every option and every rung; plus the economy keys the user did not set."""
+    from schedules import Horizon
+
+    given = {a.split("=", 1)[0] for a in shared if "=" in a}
+    if "trainer.eval_interval" in given:
+        every = Horizon(budget, steps_per_epoch).steps(cfg.trainer.eval_interval) or budget
+    else:
+        every = max(1, budget // max(1, evals))
+    protocol = [f"trainer.eval_interval={every}"]
+    protocol += [f"{k}={v}" for k, v in ECONOMY.items() if k not in given]
+    return every, protocol
+
+
+SCHEDULE_DURATIONS = ("warmup", "cooldown", "cycle_warmup", "cycle", "every", "step_size", "milestones")
+
+
+def scaled_schedule(cfg: DictConfig, budget: int, steps_per_epoch: int) -> list[str]:
+    """The schedule's durations written in steps or epochs (`warmup: 100`, `every: 1ep`), as fractions of the full
+    run, so that a rung trial of 1/9 of the budget is a scaled copy of the full run (warmup 100 of 900 steps: 11
+    of 100) instead of a run that never leaves its warmup. The full run itself does not change. Fractions and
+    percentages already scale; plateau's cooldown counts evaluations and stays."""
+    from schedules import Horizon
+
+    node = cfg.get("schedule")
+    if not isinstance(node, DictConfig):
+        return []
+    plateau = "plateau" in str(node.get("_target_", ""))
+    horizon = Horizon(budget, steps_per_epoch)
+
+    def fraction(v: Any) -> Any:
+        absolute = (isinstance(v, int) and not isinstance(v, bool) and v > 0) or (
+            isinstance(v, str) and v.strip().endswith("ep"))
+        return repr(horizon.steps(v) / budget) if absolute else None
+
+    out = []
+    for key in SCHEDULE_DURATIONS:
+        if plateau and key == "cooldown":  # evaluations, not steps
+            continue
+        v = OmegaConf.select(node, key, default=None)
+        if isinstance(v, (list, tuple)) or OmegaConf.is_list(v):
+            parts = [fraction(x) for x in v]
+            if any(p is not None for p in parts):
+                out.append(f"schedule.{key}=[{','.join(p if p is not None else str(x) for p, x in zip(parts, v))}]")
+        elif (f := fraction(v)) is not None:
+            out.append(f"schedule.{key}={f}")
+    return out

@@ -1,0 +1,121 @@
+"""Where each value of a run's config came from, for its manifest: an option's YAML, the recipe, or the command line.
+
+Hydra composes in this order (conf/train.yaml): each group's option, `conf/<group>/<option>.yaml`; the recipe's own
+file, `recipes/<recipe>.yaml` (the options it picks, its `expect` block); the recipe's values for the options it
+names, `recipes/<recipe>/<group>/<option>.yaml`; the sweep preset; and last the command line, which always wins.
+
+A recipe's values for a group belong to the option it names, so they sit in a file named after that option and
+train.yaml merges it only when that option is the chosen one (an `optional` defaults entry whose name interpolates
+the choice, `${recipe}/optimizer/${optimizer}`): `recipe=char_transformer_cpu optimizer=lion` runs Lion from
+conf/optimizer/lion.yaml, not at the recipe's AdamW lr and betas, and `recipe=mnist_cnn early_stop=off` has no
+patience left over. This is Hydra's own composition, not a step after it, so every caller that composes `train`
+(train.py, sweeps and their launchers, `hydra.compose` in tests and tools, `--cfg job`, Hydra's .hydra/config.yaml)
+gets the same config with no code of ours to remember to call; a post-composition step would have kept each recipe
+in one file but left every other composer with the leaking config. Hydra cannot interpolate a list-valued choice,
+so the `clip` group (`clip=[value,norm]`) has no such entry and recipes set no clip values.
+
+`config_sources` reconstructs that record from Hydra's choices (the running job's, or a fresh composition of the
+overrides checked against the config) and the recipe files; it returns None when the config cannot have come from
+these overrides alone (a program built or edited it).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RECIPES = CONF / "recipe"
+ORDER = ("conf/<group>/<option>.yaml < recipes/<recipe>.yaml and recipes/<recipe>/<group>/<option>.yaml "
+         "(the chosen options only) < sweep preset < command line")
+
+
+def config_sources(cfg: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
+    """{order, options, recipe, from_recipe, recipe_not_applied, sweep, from_command_line}: every value not listed
+    under from_recipe or from_command_line is its option's YAML (or conf/train.yaml). A recipe's `expect` block (its
+    declared result, which the run does not use) is left out."""
+    choices = _choices(cfg, tuple(overrides))
+    if choices is None:
+        return None
+    recipe = choices.get("recipe")
+    options = {g: v for g, v in sorted(choices.items())
+               if not g.startswith(("hydra/", "recipe")) and g != "sweep" and v is not None}
+    if "clip" in cfg and "clip" not in options:  # a list of transforms: Hydra keeps no choice for it
+        options["clip"] = list(cfg.clip or [])
+    command_line = _command_line(overrides)
+    from_recipe: dict[str, Any] = {}
+    not_applied: dict[str, list[str]] = {}
+    if recipe:
+        own = OmegaConf.load(RECIPES / f"{recipe}.yaml")
+        own_values = {k: v for k, v in OmegaConf.to_container(own).items() if k not in ("defaults", "expect")}
+        from_recipe.update(_flatten(own_values))
+        for folder in sorted(p for p in (RECIPES / recipe).glob("*") if p.is_dir()):
+            group, chosen = folder.name, str(options.get(folder.name))
+            for file in sorted(folder.glob("*.yaml")):
+                if file.stem == chosen:
+                    from_recipe.update(_flatten(OmegaConf.to_container(OmegaConf.load(file)), group + "."))
+                else:
+                    not_applied.setdefault(group, []).append(file.stem)
+        from_recipe = {k: v for k, v in from_recipe.items()
+                       if not any(k == c or k.startswith(c + ".") for c in command_line)}
+    return {"order": ORDER, "options": options, "recipe": recipe, "from_recipe": from_recipe,
+            "recipe_not_applied": not_applied, "sweep": choices.get("sweep"), "from_command_line": command_line}
+
+
+def _choices(cfg: DictConfig, overrides: tuple[str, ...]) -> dict[str, Any] | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():  # inside train.py: the running job's own composition
+        return OmegaConf.to_container(HydraConfig.get().runtime.choices)
+    from hydra.errors import HydraException
+
+    try:
+        composed, choices = _compose(overrides)
+    except HydraException:  # e.g. a task found through a hydra.searchpath that is not among these overrides
+        return None
+    return choices if composed == OmegaConf.to_container(cfg) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _compose(overrides: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the config without its hydra node, Hydra's choices) for `python train.py <overrides>`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def run() -> DictConfig:
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = run()
+    else:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = run()
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    return {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}, choices
+
+
+def _command_line(overrides: list[str]) -> dict[str, Any]:
+    """key -> value of every override that sets a value (picks of an option are under `options`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    values = {}
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if key.startswith("hydra") or (key in groups and not o.is_delete()):
+            continue
+        values[key] = "<deleted>" if o.is_delete() else o.value()
+    return values
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole (they are one value)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
