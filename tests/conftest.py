@@ -14,6 +14,24 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and the train.py processes its tests start) gets its share of the cores:
+    two workers with a thread per core each would oversubscribe the CPU and slow every test down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort): pytest-xdist hands tests out in this order, so the minutes-long ones
+    start at once on every worker instead of leaving one worker running them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def compose_cfg(*overrides: str) -> DictConfig:
     """The config `python train.py <overrides>` would run (without the hydra node)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

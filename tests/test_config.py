@@ -36,6 +36,7 @@ def test_every_group_has_its_issue_options():
     assert set(options("early_stop")) == {"off", "on"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_trains_five_steps_through_the_cli(group, mnist_root, tmp_path):
     """One multirun per group (`python train.py -m group=a,b,c`): every YAML composes, builds and trains."""

@@ -72,6 +72,7 @@ def cnn_args(data_root, run_dir, *extra):
             f"hydra.run.dir={run_dir}", *extra]
 
 
+@pytest.mark.slow
 def test_sigterm_at_ten_random_points_then_resume_equals_the_uninterrupted_run(mnist_root, tmp_path):
     """Kill a training subprocess with SIGTERM at 10 random steps, resuming after each; the final parameters
     (CNN with BatchNorm, dropout and per-sample augmentation: every RNG matters) equal a run never stopped."""
@@ -150,6 +151,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(mnist_root, tmp_pa
     assert min(r["step"] for r in rows if "train/loss" in r) == 5  # resumed from step 4
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_the_newest_run_with_the_same_config(mnist_root, tmp_path):
     runs = tmp_path / "runs"
     args = (f"data.root={mnist_root}", "trainer.max_steps=6", "trainer.checkpoint_interval=3",
@@ -174,6 +176,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(mnist_root, tmp_path):
     args = [f"data.root={mnist_root}", "task=mnist_cnn", "norm=none", "regularize.dropout=0", "optimizer=momentum",
             "optimizer.lr=0.05", "schedule=constant", "task.batch_size=64", "task.val_size=1000",
@@ -235,6 +238,7 @@ def test_a_nonfinite_final_metric_is_an_error(tmp_path, monkeypatch):
     assert not (tmp_path / "final_metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_ddp_resume_restores_every_ranks_own_rng(mnist_root, tmp_path):
     """Dropout draws differ per rank; after a resume each rank must continue its own stream, so 2 ranks resumed at
     step 3 end exactly where 2 ranks run straight end (today every rank got rank 0's RNG state back)."""
@@ -259,6 +263,7 @@ def test_ddp_resume_restores_every_ranks_own_rng(mnist_root, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_sigkill_at_ten_random_moments_resumes_from_the_newest_intact_checkpoint(mnist_root, tmp_path):
     """SIGKILL (no handler runs, no checkpoint is written on the way out) at 10 random moments, three of them in the
     middle of a checkpoint write (a temporary file is on disk when the kill lands). After each kill the same

@@ -49,6 +49,7 @@ def test_trains_on_an_image_folder_through_the_cli(digit_folder, tmp_path):
     assert "test_acc" not in [k for r in rows(tmp_path) for k in r]  # never in the per-evaluation metrics
 
 
+@pytest.mark.slow
 def test_sigterm_and_resume_with_2_workers_equals_the_straight_run(digit_folder, tmp_path):
     """K steps, SIGTERM, resume, N-K steps == N steps straight, bit for bit: random crops in 2 workers, dropout,
     BatchNorm, an evaluation on the way."""

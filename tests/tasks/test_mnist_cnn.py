@@ -40,6 +40,7 @@ def test_cnn_with_each_norm(norm):
     assert sum(p.numel() for p in CNN().parameters()) == 1_199_882  # pytorch/examples mnist Net
 
 
+@pytest.mark.slow
 def test_cli_run_scores_validation_then_test(mnist_root, tmp_path):
     out = run_cli("recipe=mnist_cnn", f"data.root={mnist_root}", "trainer.max_steps=30", "trainer.eval_interval=10",
                   "trainer.log_interval=10", "early_stop.patience=1", f"hydra.run.dir={tmp_path}")
