@@ -27,6 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.resume import flatten
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = CONF / "recipe"
 ORDER = ("conf/<group>/<option>.yaml < recipes/<recipe>.yaml and recipes/<recipe>/<group>/<option>.yaml "
@@ -51,12 +53,12 @@ def config_sources(cfg: DictConfig, overrides: list[str]) -> dict[str, Any] | No
     if recipe:
         own = OmegaConf.load(RECIPES / f"{recipe}.yaml")
         own_values = {k: v for k, v in OmegaConf.to_container(own).items() if k not in ("defaults", "expect")}
-        from_recipe.update(_flatten(own_values))
+        from_recipe.update(flatten(own_values))
         for folder in sorted(p for p in (RECIPES / recipe).glob("*") if p.is_dir()):
             group, chosen = folder.name, str(options.get(folder.name))
             for file in sorted(folder.glob("*.yaml")):
                 if file.stem == chosen:
-                    from_recipe.update(_flatten(OmegaConf.to_container(OmegaConf.load(file)), group + "."))
+                    from_recipe.update(flatten(OmegaConf.to_container(OmegaConf.load(file)), group))
                 else:
                     not_applied.setdefault(group, []).append(file.stem)
         from_recipe = {k: v for k, v in from_recipe.items()
@@ -110,12 +112,3 @@ def _command_line(overrides: list[str]) -> dict[str, Any]:
         values[key] = "<deleted>" if o.is_delete() else o.value()
     return values
 
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole (they are one value)."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix.rstrip("."): tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
