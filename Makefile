@@ -21,7 +21,7 @@ train: install            ## train the default recipe (AdamW, warmup + cosine, M
 	$(BIN)/python train.py recipe=mnist_vae $(ARGS)
 
 test: install             ## the test suite (needs the data root: KILN_DATA_ROOT=../shared/data make test)
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 $(ARGS)
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --maxschedchunk=1 $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -27,8 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tests first (a stable sort): pytest-xdist hands tests out in this order, so the minutes-long ones
-    start at once on every worker instead of leaving one worker running them alone at the end."""
+    """The slow tests first (a stable sort). `make test` has pytest-xdist hand tests out one at a time in this
+    order (--maxschedchunk=1), so the minutes-long ones start at once on every worker instead of one worker
+    receiving them all in its first chunk and running them alone at the end (1 s more for 1,000 quick tests)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -1,10 +1,12 @@
 """Every recipe (recipes/*.yaml) composes, validates, and runs 2 steps through the real CLI.
 
 The recipes run as Hydra multiruns (recipe=a,b,...), grouped by the few overrides a 2-step CPU run needs: batches
-of 8 (the GPU transformer recipe's 64 x 256 tokens take ~25 s a step on two CPU cores), no torch.compile, a warmup
-of 0 where the schedule has one, one small evaluation batch where the task takes eval_batches, and that batch's
-figure at the end too (the GPU transformer's whole validation split takes a minute on a CPU) (`++`: Hydra checks
-a multirun's overrides against the config without the swept recipe, which may lack the key)."""
+of 8 (the GPU transformer recipe's 64 x 256 tokens take ~25 s a step on two CPU cores), no torch.compile, fp32
+(bf16 autocast is ~30x slower on a CPU without native bf16; tests/test_cuda_paths_on_cpu.py runs the GPU recipe's
+bf16 path on a small model), a warmup of 0 where the schedule has one, one small evaluation batch where the task
+takes eval_batches and that batch's figure at the end too (the GPU transformer's whole validation split takes a
+minute on a CPU), a validation split of 500 where the task carves one (`++`: Hydra checks a multirun's overrides
+against the config without the swept recipe, which may lack the key)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from trainer.validate import validate
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 BASE = ("trainer.max_steps=2", "task.batch_size=8", "trainer.compile=false", "trainer.pictures=false",
         "trainer.eval_interval=2", "trainer.checkpoint_interval=0", "trainer.histogram_interval=0",
-        "trainer.log_interval=1")
+        "trainer.log_interval=1", "amp=off")
 
 
 def _needs(name: str) -> tuple[str, ...]:
@@ -31,6 +33,8 @@ def _needs(name: str) -> tuple[str, ...]:
         extra.append("++schedule.warmup=0")
     if "eval_batches" in cfg.task:  # the char transformers: one small evaluation batch
         extra += ["++task.eval_batches=1", "++task.eval_batch_size=8", "++task.final_whole_split=false"]
+    if cfg.task.get("val_size"):  # the CNN's 5,000 validation images take seconds on one thread
+        extra.append("++task.val_size=500")
     return tuple(extra)
 
 
@@ -68,32 +72,28 @@ def test_recipe_values_sit_with_the_options_it_names(name):
         assert choices[group] == option, f"{f}: recipe {name} picks {group}={choices[group]}"
 
 
-@pytest.fixture(scope="module")
-def two_step_runs(tmp_path_factory) -> dict[str, dict]:
+@pytest.mark.slow
+def test_every_recipe_runs_two_steps(tmp_path):
+    """One test, not one per recipe: the multiruns are shared, and pytest-xdist would start them again on each
+    worker that ran a recipe's test."""
     root = data_root()
     if root is None:
         pytest.skip("MNIST not found: set KILN_DATA_ROOT to the folder holding MNIST/raw/")
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for name in RECIPES:
         groups[_needs(name)].append(name)
-    rows, logs = {}, []
+    rows = {}
     for i, (extra, names) in enumerate(sorted(groups.items())):
-        sweep_dir = tmp_path_factory.mktemp("recipes") / str(i)
+        sweep_dir = tmp_path / str(i)
         out = run_cli("-m", f"recipe={','.join(names)}", f"data.root={root}", *BASE, *extra,
                       f"hydra.sweep.dir={sweep_dir}", timeout=600)
-        logs.append(out.stdout[-3000:] + out.stderr[-3000:])
-        assert out.returncode == 0, out.stderr
+        assert out.returncode == 0, out.stderr[-3000:]
         for row in json.loads((sweep_dir / "summary.json").read_text())["runs"]:
             name = next(o.split("=", 1)[1] for o in row["overrides"] if o.startswith("recipe="))
-            rows[name] = {**row, "log": logs[-1]}
-    return rows
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", RECIPES)
-def test_recipe_runs_two_steps(two_step_runs, name):
-    row = two_step_runs[name]
-    assert row["status"] == "finished", row["error"] + "\n" + row["log"]
-    assert row["step"] == 2
-    monitored = [k for k in row if k.startswith("final/") and isinstance(row[k], float)]
-    assert monitored, row
+            rows[name] = {**row, "log": out.stdout[-3000:] + out.stderr[-3000:]}
+    assert sorted(rows) == RECIPES
+    failed = {name: row["error"] for name, row in rows.items() if row["status"] != "finished"}
+    assert not failed, "\n".join(f"{name}: {error}" for name, error in failed.items()) + rows[next(iter(failed))]["log"]
+    for name, row in rows.items():
+        assert row["step"] == 2, name
+        assert [k for k in row if k.startswith("final/") and isinstance(row[k], float)], (name, row)

@@ -43,7 +43,7 @@ def test_cnn_with_each_norm(norm):
 @pytest.mark.slow
 def test_cli_run_scores_validation_then_test(mnist_root, tmp_path):
     out = run_cli("recipe=mnist_cnn", f"data.root={mnist_root}", "trainer.max_steps=30", "trainer.eval_interval=10",
-                  "trainer.log_interval=10", "early_stop.patience=1", f"hydra.run.dir={tmp_path}")
+                  "task.val_size=1000", "trainer.log_interval=10", "early_stop.patience=1", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert final["test_acc"] > 0.5 and 0 < final["val_acc"] <= 1
