@@ -187,6 +187,8 @@ def speedup_text(r: Row) -> str:
     """In steps (exact: the same evaluation steps for every option), then in training seconds (this machine)."""
     if r.baseline or math.isnan(r.speedup_steps):
         return "-"
+    if r.speedup_steps == 0:  # its median run never reached the target ("0x" read like a number)
+        return "never (median)"
     return f"{num(r.speedup_steps, 3)}x ({num(r.speedup_seconds, 3)}x time)"
 
 

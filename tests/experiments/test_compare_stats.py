@@ -227,3 +227,13 @@ def test_a_planted_difference_is_found_as_often_as_theory_says():
     se = math.sqrt(power * (1 - power) / N)
     assert abs(np.mean(found == "better") - power) <= 3 * se
     assert np.mean(found == "worse") < 0.002
+
+
+def test_speed_up_text_says_never_when_the_median_run_misses():
+    from types import SimpleNamespace
+
+    from experiments.compare.report import speedup_text
+
+    assert speedup_text(SimpleNamespace(baseline=False, speedup_steps=0.0, speedup_seconds=0.0)) == "never (median)"
+    assert speedup_text(SimpleNamespace(baseline=False, speedup_steps=1.7, speedup_seconds=1.5)) == "1.7x (1.5x time)"
+    assert speedup_text(SimpleNamespace(baseline=True, speedup_steps=math.nan, speedup_seconds=math.nan)) == "-"
