@@ -37,7 +37,7 @@ from tasks.base import Task
 from trainer import distributed, resume
 from trainer.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
 from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
-from trainer.device import resolve_device
+from trainer.device import resolve_device, set_threads
 from trainer.early_stop import EarlyStopping
 from trainer.errors import ConfigError, UserError
 from trainer.log import RunLogger, print_error, print_warning
@@ -93,10 +93,7 @@ def build(cfg: DictConfig) -> Parts:
     if cfg.regularize.loss_reduction not in REDUCTIONS:
         raise ConfigError(f"regularize.loss_reduction={cfg.regularize.loss_reduction!r}: use one of "
                           f"{sorted(REDUCTIONS)}")
-    if t.threads and t.threads != torch.get_num_threads():
-        # only when it changes the count: setting it, even to torch's own default, made the char-GPT's steps ~5%
-        # slower on a 2-core AMD EPYC (OMP_NUM_THREADS does the same; bench/peer.py --threads 0 leaves both unset)
-        torch.set_num_threads(t.threads)
+    set_threads(t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":  # TF32 tensor cores for float32 matmuls and convolutions, or exact float32

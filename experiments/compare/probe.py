@@ -34,6 +34,7 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
     from omegaconf import open_dict
 
     from experiments.compare.runs import _output_to
+    from trainer.device import threads as thread_count
     from trainer.loop import build
     from trainer.run import run
     from trainer.validate import validate
@@ -45,24 +46,19 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
                                histogram_interval=0)
         return cfg
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory() as tmp, _output_to(Path("/dev/null")):
-            validate(config(SHORT))
-            parts = build(config(SHORT))
-            parts.model.eval()
-            with torch.no_grad():
-                start = time.perf_counter()
-                parts.task.evaluate(parts.model)
-                eval_s = time.perf_counter() - start
-            seconds = {}
-            for steps in (SHORT, LONG):
-                start = time.perf_counter()
-                run(config(steps), Path(tmp) / str(steps))
-                seconds[steps] = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(previous)
+    with thread_count(threads), tempfile.TemporaryDirectory() as tmp, _output_to(Path("/dev/null")):
+        validate(config(SHORT))
+        parts = build(config(SHORT))
+        parts.model.eval()
+        with torch.no_grad():
+            start = time.perf_counter()
+            parts.task.evaluate(parts.model)
+            eval_s = time.perf_counter() - start
+        seconds = {}
+        for steps in (SHORT, LONG):
+            start = time.perf_counter()
+            run(config(steps), Path(tmp) / str(steps))
+            seconds[steps] = time.perf_counter() - start
     step_s = max(seconds[LONG] - seconds[SHORT], 0.0) / (LONG - SHORT)
     return Timing(max(seconds[SHORT] - SHORT * step_s, 0.0), step_s, eval_s)
 

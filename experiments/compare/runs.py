@@ -188,24 +188,21 @@ def _output_to(path: Path) -> Iterator[None]:
 def execute(cfg: DictConfig, overrides: list[str], run_dir: Path, sweep_dir: Path, threads: int) -> bool:
     """Run one trial in this process as a sweep job; False when a signal interrupted it (recorded in the ledger).
     `trial.json` in the run directory records the command with the threads it ran with."""
-    import torch
-
     from experiments.sweep import run_job
+    from trainer.device import threads as thread_count
     from trainer.run import main as run_main
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv, previous = sys.argv, torch.get_num_threads()
+    argv = sys.argv
     sys.argv = ["train.py", *overrides]
-    torch.set_num_threads(threads)
     try:
-        with _output_to(run_dir / "train.log"):
+        with thread_count(threads), _output_to(run_dir / "train.log"):
             run_job(cfg, run_dir, [o for o in overrides if not o.startswith("hydra.")], sweep_dir, run_main,
                     summarize=False)
     except SystemExit:  # run_job recorded the interrupted job and stops the "sweep"
         return False
     finally:
         sys.argv = argv
-        torch.set_num_threads(previous)
     (run_dir / "trial.json").write_text(json.dumps({"threads": threads, "command": command(overrides, threads)}))
     return True
 
