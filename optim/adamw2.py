@@ -21,7 +21,8 @@ rule as one global learning-rate factor computed from all layers; we follow the 
 Which tensors: every parameter with >= 2 dimensions, viewed as a matrix [shape[0], -1] (a Linear weight as it is, a
 conv kernel by output channel). Vectors and scalars (biases, norm weights) take the plain AdamW step.
 
-sigma_1 of W and of u by power iteration (v <- A^T A v / ||A^T A v||, sigma_1 ~ ||A v||), warm-started: each
+sigma_1 of W and of u by power iteration (v <- A^T A v / ||A^T A v||, sigma_1 ~ sqrt(||A^T A v||) for the unit v
+before the update: a lower bound at least as tight as ||A v||, at no extra product), warm-started: each
 matrix keeps a right singular vector estimate for W and one for u in its state, so `power_iters` iterations per
 step (default 1) track the slowly moving top singular pair; the first step runs at least FIRST_STEP_ITERS (10)
 from a fixed pseudo-random start (deterministic, so a run and its resumption agree). An underestimate of
@@ -29,14 +30,21 @@ sigma_1(u) would loosen the bound exactly when it matters, at the first step, he
 
 Cost: per matrix and step, 2 matrix-vector products per power iteration for W and 2 for u (about 4 passes over the
 matrix at power_iters=1, on top of AdamW's), plus state of AdamW's 2 moments and two vectors of the column count
-(bench/optimizers.py: step time and state bytes against torch.optim.AdamW). Everything stays on the device: the
-ratio and the min are 0-dim tensors, no host synchronisation. A matrix whose sigma_1 is 0 (zero-initialised) has
-no scale to bound its step by and takes AdamW's step.
+(bench/optimizers.py: step time and state bytes against torch.optim.AdamW). The matrices of a group that share a
+shape are stepped together: u is written straight into a stack, the weights are copied beside it, the power
+iterations are batched products and the step is applied to the stack and copied back, while the whole group takes
+AdamW's moments with foreach ops. A step then costs a few dozen tensor operations per distinct shape instead of per
+matrix: on the char-GPT (18 matrices, 6 shapes; on a CPU every small operation costs its dispatch) it went from
+2.8x torch.optim.AdamW's step time to 1.3x. The price is working memory: the stacks (u and a copy of the weights,
+twice the matrices' size) are kept between steps, not rebuilt. Everything stays on the device: the ratio and the
+min are tensors, no host synchronisation. A matrix whose sigma_1 is 0 (zero-initialised) has no scale to bound its
+step by and takes AdamW's step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,13 +64,21 @@ def as_matrix(t: Tensor) -> Tensor:
 
 
 def top_singular_value(a: Tensor, v: Tensor, iters: int) -> Tensor:
-    """sigma_1(a) by `iters` power iterations on a^T a from v (updated in place to the new right singular vector
-    estimate); a 0-dim tensor. A zero matrix gives 0 and leaves v unchanged."""
+    """sigma_1 of a matrix [m, n], or of each matrix of a stack [B, m, n], by `iters` (>= 1) power iterations on
+    a^T a from the unit vector v ([n] or [B, n], updated in place to the new right singular vector estimates); a
+    0-dim tensor, or [B]. The estimate is sqrt(||a^T a v||) for the last v before its update: for a unit v it is at
+    most sigma_1 and at least ||a v|| (Cauchy-Schwarz), and it costs no product of its own. A zero matrix gives 0
+    and leaves its vector unchanged."""
+    stacked = a.dim() == 3
+    a, vec = (a, v) if stacked else (a.unsqueeze(0), v.unsqueeze(0))
     for _ in range(iters):
-        w = a.T @ (a @ v)
-        norm = torch.linalg.vector_norm(w)
-        v.copy_(torch.where(norm > 0, w / norm, v))
-    return torch.linalg.vector_norm(a @ v)
+        # Row vectors (v^T a^T, then x^T a): on CPU these batched products run as matrix kernels, about 7x faster
+        # than the column form a v.
+        w = torch.bmm(torch.bmm(vec.unsqueeze(1), a.mT), a).squeeze(1)
+        norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        vec.copy_(torch.where(norm > 0, w / norm, vec))
+    sigma = norm.squeeze(-1).sqrt()
+    return sigma if stacked else sigma[0]
 
 
 def start_vector(n: int, like: Tensor) -> Tensor:
@@ -70,6 +86,49 @@ def start_vector(n: int, like: Tensor) -> Tensor:
     g = torch.Generator().manual_seed(n)
     v = torch.randn(n, generator=g, dtype=torch.float64)
     return (v / torch.linalg.vector_norm(v)).to(dtype=like.dtype, device=like.device)
+
+
+@dataclass
+class Bucket:
+    """Same-shaped matrices of a group, stepped together: `stack` [2B, rows, cols] holds their directions u in its
+    first half and working copies of the weights in its second; the views are those slices shaped like the params."""
+
+    idx: list[int]
+    stack: Tensor
+    u: list[Tensor]
+    w: list[Tensor]
+
+
+@dataclass
+class Layout:
+    """How a group's params are stepped: `key` (the params' ids) tells when it must be rebuilt; `out` is where
+    adam_direction writes u for each param (matrices into their bucket's stack, vectors into one flat buffer)."""
+
+    key: tuple[int, ...]
+    buckets: list[Bucket]
+    vectors: list[int]
+    out: list[Tensor]
+
+
+def layout(params: list[Tensor]) -> Layout:
+    """Buckets of the >= 2-D params by matrix shape ([shape[0], -1]), dtype and device; the rest are vectors."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        if p.ndim >= 2:
+            groups.setdefault((p.shape[0], p[0].numel(), p.dtype, p.device), []).append(i)
+    out: list[Tensor | None] = [None] * len(params)
+    buckets = []
+    for (rows, cols, dtype, device), idx in groups.items():
+        stack = torch.empty(2 * len(idx), rows, cols, dtype=dtype, device=device)
+        u = [stack[k].view(params[i].shape) for k, i in enumerate(idx)]
+        w = [stack[len(idx) + k].view(params[i].shape) for k, i in enumerate(idx)]
+        for i, view in zip(idx, u):
+            out[i] = view
+        buckets.append(Bucket(idx, stack, u, w))
+    vectors = [i for i, p in enumerate(params) if p.ndim < 2]
+    for i in vectors:
+        out[i] = torch.empty_like(params[i])
+    return Layout(tuple(id(p) for p in params), buckets, vectors, out)  # type: ignore[arg-type]
 
 
 class AdamW2(AdamFamily):
@@ -82,6 +141,7 @@ class AdamW2(AdamFamily):
         int_at_least("power_iters", power_iters, 1)
         super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, cautious, cautious_wd, tau=tau,
                                                power_iters=power_iters))
+        self._layouts: dict[int, Layout] = {}  # per group index; buffers, not state
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         super()._init_state(p, state)
@@ -89,29 +149,58 @@ class AdamW2(AdamFamily):
             for key in VECTOR_KEYS:
                 state[key] = start_vector(as_matrix(p).shape[1], p)
 
-    def _update(self, group: dict[str, Any], piece: Batch) -> None:
-        m, v = adam_moments_(piece, group["betas"])
-        u = adam_direction(m, v, group["betas"], group["eps"], piece.steps, piece.scratch(0))
-        if group["cautious"]:
-            cautious_mask_(u, piece.grads, piece.scratch(1))
+    def _step_batches(self, batches: list[tuple[dict[str, Any], Batch]]) -> None:
+        # One piece per group on every device: the bound works on the same-shaped matrices side by side.
+        for index, (group, batch) in enumerate(batches):
+            if not batch:
+                continue
+            plan = self._layouts.get(index)
+            if plan is None or plan.key != tuple(id(p) for p in batch.params):
+                plan = self._layouts[index] = layout(batch.params)
+            self._step_group(group, batch, plan)
+
+    def _step_group(self, group: dict[str, Any], batch: Batch, plan: Layout) -> None:
+        params, states = batch.params, batch.states
         lr, wd = group["lr"], group["weight_decay"]
-        masks = decay_mask(piece.params, u, piece.scratch(1)) if wd != 0 and group["cautious_wd"] else None
-        for i, (p, step, state) in enumerate(zip(piece.params, u, piece.states)):
-            rate: float | Tensor = lr
-            if p.ndim >= 2:
-                iters = max(FIRST_STEP_ITERS, group["power_iters"]) if state["step"] == 1 else group["power_iters"]
-                sigma_w = top_singular_value(as_matrix(p), state["sigma_w_vec"], iters)
-                sigma_u = top_singular_value(as_matrix(step), state["sigma_u_vec"], iters)
-                # min(lr, tau*sigma_w/sigma_u); lr where either is 0 (a zero matrix, e.g. zero-initialised, has no
-                # scale to bound its step by, and u = 0 moves nothing): the where discards the inf/nan there.
-                bounded = (sigma_w > 0) & (sigma_u > 0)
-                rate = torch.where(bounded, torch.clamp(group["tau"] * sigma_w / sigma_u, max=lr), lr)
-            if masks is not None:  # decay only where p*u >= 0 (cautious weight decay)
-                decay = masks[i].mul_(p)
-                p.addcmul_(decay, rate, value=-wd) if isinstance(rate, Tensor) else p.add_(decay, alpha=-lr * wd)
+        m, v = adam_moments_(batch, group["betas"])
+        u = adam_direction(m, v, group["betas"], group["eps"], batch.steps, plan.out)
+        if group["cautious"]:
+            cautious_mask_(u, batch.grads)
+        masks = decay_mask(params, u) if wd != 0 and group["cautious_wd"] else None
+
+        for bucket in plan.buckets:
+            count, ps = len(bucket.idx), [params[i] for i in bucket.idx]
+            torch._foreach_copy_(bucket.w, ps)
+            rate = self._rate(group, [states[i] for i in bucket.idx], bucket.stack).view(count, 1, 1)
+            weights, step = bucket.stack[count:], bucket.stack[:count]
+            # p <- p - rate*(wd*[mask]*p + u), on the copies, then back into the params
+            if masks is not None:
+                decay = torch.stack([as_matrix(masks[i]) for i in bucket.idx]).mul_(weights)
+                weights.addcmul_(decay, rate * wd, value=-1.0)
             elif wd != 0:
-                p.mul_(1.0 - rate * wd)
-            if isinstance(rate, Tensor):
-                p.addcmul_(step, rate, value=-1.0)
-            else:
-                p.add_(step, alpha=-lr)
+                weights.mul_(1.0 - wd * rate)
+            weights.addcmul_(step, rate, value=-1.0)
+            torch._foreach_copy_(ps, bucket.w)
+
+        if plan.vectors:  # AdamW's step
+            ps, step = [params[i] for i in plan.vectors], [u[i] for i in plan.vectors]
+            if masks is not None:
+                torch._foreach_addcmul_(ps, [masks[i] for i in plan.vectors], ps, value=-lr * wd)
+            elif wd != 0:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_add_(ps, step, alpha=-lr)
+
+    def _rate(self, group: dict[str, Any], states: list[dict[str, Any]], stack: Tensor) -> Tensor:
+        """min(lr, tau*sigma_1(W)/sigma_1(u)) for each matrix of a bucket (`stack`: u's then W's), a [B] tensor;
+        lr where either is 0 (a zero matrix, e.g. zero-initialised, has no scale to bound its step by, and u = 0
+        moves nothing): the where discards the inf/nan there."""
+        vectors = [s["sigma_u_vec"] for s in states] + [s["sigma_w_vec"] for s in states]
+        stacked = torch.stack(vectors)
+        first = any(s["step"] == 1 for s in states)
+        iters = max(FIRST_STEP_ITERS, group["power_iters"]) if first else group["power_iters"]
+        sigma = top_singular_value(stack, stacked, iters)
+        torch._foreach_copy_(vectors, list(stacked.unbind(0)))
+        sigma_u, sigma_w = sigma.chunk(2)
+        lr = group["lr"]
+        bounded = (sigma_w > 0) & (sigma_u > 0)
+        return torch.where(bounded, torch.clamp(group["tau"] * sigma_w / sigma_u, max=lr), lr)

@@ -81,6 +81,44 @@ def test_four_steps_match_adamw_with_the_exact_bound_per_group(caution):
     assert all(r < 0.05 for r in rates0) and all(r == 0.05 for r in rates1)  # the bound binds in group 0 only
 
 
+@pytest.mark.parametrize("caution", CAUTION, ids=["plain", "cautious", "cautious_wd", "both"])
+def test_same_shaped_matrices_each_get_their_own_bound(caution):
+    """Matrices of one shape are stepped side by side (optim/adamw2.py stacks them): each still gets the rate of
+    its own singular values. Three [6, 4] weights at scales 0.01, 1 and 100 (the bound binds hard, a little, not
+    at all), a [4, 6] one and a vector, against the per-matrix reference with exact singular values; a weight
+    that has no gradient at step 3 is left alone that step."""
+    g = torch.Generator().manual_seed(3)
+    starts = [scale * torch.randn(6, 4, generator=g, dtype=F64) for scale in (0.01, 1.0, 100.0)]
+    starts += [torch.randn(4, 6, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)]
+    grads = [[torch.randn(s.shape, generator=g, dtype=F64) for s in starts] for _ in range(5)]
+    params = [torch.nn.Parameter(s.clone()) for s in starts]
+    opt = AdamW2(params, lr=0.05, tau=0.05, weight_decay=0.1, power_iters=40, **caution)
+    for t, step_grads in enumerate(grads):
+        for k, (p, grad) in enumerate(zip(params, step_grads)):
+            p.grad = None if (t == 2 and k == 1) else grad.clone()
+        opt.step()
+    for k, start in enumerate(starts):
+        mine = [gr[k] for t, gr in enumerate(grads) if not (t == 2 and k == 1)]
+        ref, rates = ref_adamw2(start, mine, lr=0.05, tau=0.05, wd=0.1, **caution)
+        torch.testing.assert_close(params[k].detach(), ref[-1], rtol=1e-9, atol=1e-12)
+        if k == 0:
+            assert max(rates) < 0.05  # the bound binds for the small matrix ...
+        if k == 2:
+            assert min(rates) == 0.05  # ... and not for the large one
+
+
+def test_power_iteration_on_a_stack_matches_each_matrix():
+    torch.manual_seed(2)
+    a = torch.randn(3, 7, 5, dtype=F64) * torch.tensor([0.5, 1.0, 4.0], dtype=F64).view(3, 1, 1)
+    a[1] = 0.0
+    v = torch.nn.functional.normalize(torch.ones(3, 5, dtype=F64), dim=1)
+    sigma = top_singular_value(a, v, 200)
+    assert sigma.shape == (3,)
+    assert sigma[0].item() == pytest.approx(sigma1(a[0]), rel=1e-12)
+    assert sigma[1].item() == 0.0 and torch.equal(v[1], torch.nn.functional.normalize(torch.ones(5, dtype=F64), dim=0))
+    assert sigma[2].item() == pytest.approx(sigma1(a[2]), rel=1e-12)
+
+
 def test_first_step_by_hand():
     """Step 1: u = g/(|g| + eps) ~ sign(g). For g = a b^T with sign(a) = (1, -1, 1), sign(b) = (1, 1, -1, 1),
     sign(g) is rank one with sigma_1 = sqrt(3*4); W = diag(2, 1, 0.5) padded to [3, 4] has sigma_1 = 2. So
