@@ -13,6 +13,7 @@ which a busy machine does not stretch, so their ratios check the wall-time ratio
     kiln_cpu       python train.py recipe=char_transformer_cpu (the same configuration, as shipped)
     kiln_cpu_eval  the same with nanoGPT's evaluation work only (no text sample, no histograms)
     kiln_best      python train.py recipe=char_transformer_best_cpu (Muon)
+    kiln_no_warmup python train.py recipe=char_transformer_no_warmup (AdamW^2, no warmup)
     examples_vae   pytorch/examples vae/main.py (10 epochs, Adam 1e-3, batch 128)
     kiln_vae       python train.py recipe=mnist_vae_baseline
     plain_vae      bench/plain_vae.py: the same recipe as a plain loop (same draws, same test loss)
@@ -190,11 +191,13 @@ WORKLOADS = {
         "recipe=char_transformer_cpu", "task.sample_chars=0", "trainer.histogram_interval=0"], "val_loss", a, e, w, r),
     "kiln_best": lambda a, e, w, r: run_kiln("kiln_best", ["recipe=char_transformer_best_cpu"], "val_loss",
                                              a, e, w, r),
+    "kiln_no_warmup": lambda a, e, w, r: run_kiln("kiln_no_warmup", ["recipe=char_transformer_no_warmup"],
+                                                  "val_loss", a, e, w, r),
     "examples_vae": lambda a, e, w, r: run_examples_vae(a, e, w, r),
     "kiln_vae": lambda a, e, w, r: run_kiln("kiln_vae", ["recipe=mnist_vae_baseline"], "test_loss", a, e, w, r),
     "plain_vae": lambda a, e, w, r: run_plain_vae(a, e, w, r),
 }
-CHAR = ("nanogpt", "kiln_cpu", "kiln_cpu_eval", "kiln_best")
+CHAR = ("nanogpt", "kiln_cpu", "kiln_cpu_eval", "kiln_best", "kiln_no_warmup")
 VAE = ("examples_vae", "kiln_vae", "plain_vae")
 
 
@@ -220,6 +223,7 @@ def report(runs: list[Run]) -> list[str]:
         each_cpu = " ".join(f"{r.cpu_s:.0f}" for r in rs)
         lines.append(f"{name:<14} {len(rs):>4} {each:>16} {med[name]:>7.1f} {each_cpu:>16} {cpu[name]:>7.1f}  {result}")
     ratios = [("kiln_cpu", "nanogpt"), ("kiln_cpu_eval", "nanogpt"), ("kiln_best", "nanogpt"),
+              ("kiln_no_warmup", "nanogpt"),
               ("kiln_vae", "examples_vae"), ("kiln_vae", "plain_vae")]
     lines.append("")
     for a, b in ratios:
@@ -267,6 +271,11 @@ def main() -> int:
     for path, what in ((args.nanogpt, "train.py"), (args.examples, "vae/main.py")):
         if path is not None and not (path / what).is_file():
             ap.error(f"{path} has no {what}: give the root of the checkout")
+    needed = {"tinyshakespeare/input.txt": set(CHAR), "MNIST/raw/train-images-idx3-ubyte": set(VAE)}
+    for rel, users in needed.items():
+        if users & set(names) and not (args.data_root / rel).is_file():
+            ap.error(f"no {args.data_root / rel}: give the data root that holds it with --data-root DIR "
+                     f"or the KILN_DATA_ROOT environment variable")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
