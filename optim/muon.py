@@ -28,7 +28,11 @@ timing probe: the dtype changes the numbers, so it must not depend on how busy t
 for bit). float32 agrees with bfloat16 to bfloat16's precision and is closer to the exact iteration
 (tests/optim/test_muon.py). `ns_dtype="bfloat16"` or `"float32"` forces one. torch's Muon has no dtype option,
 so the Muon half is torch.optim.Muon with its step written out here (`MuonHalf`): the same momentum, the same
-quintic iteration (Jordan's coefficients, torch's eps), the same learning-rate adjustments, in that dtype.
+quintic iteration (Jordan's coefficients, torch's eps), the same learning-rate adjustments, in that dtype. In
+float32 the matrices of a group that share an oriented shape (a tall matrix transposed, as the iteration works on
+it) are iterated as one stack with batched products: on a CPU the small products of one matrix leave the cores
+idle (the char-GPT's 16 hidden matrices make 3 stacks; Muon's step went from 31 to 21 ms on a 2-core AMD EPYC).
+bfloat16 stays matrix by matrix, bit for bit torch's.
 """
 
 from __future__ import annotations
@@ -79,18 +83,26 @@ def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype,
     X = G/||G||_F (transposed when tall, so X X^T is the small Gram matrix), then `steps` times
     X <- aX + (bA + cA^2)X with A = XX^T. Each step maps every singular value s of X to as + bs^3 + cs^5 and
     keeps the singular vectors, so the result is about U V^T (singular values in roughly [0.7, 1.2]).
-    The same operations as torch.optim.Muon's, which fixes dtype to bfloat16."""
+    A matrix [m, n] goes through the same operations as torch.optim.Muon's (which fixes dtype to bfloat16); a
+    stack [B, m, n] is iterated as B independent matrices with batched products."""
     a, b, c = coefficients
     x = g.to(dtype=dtype, copy=True)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T
-    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm = 1
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA^2
-        x = torch.addmm(x, poly, x, beta=a)  # aX + (bA + cA^2)X
-    return x.T if tall else x
+        x = x.mT
+    if x.dim() == 2:
+        x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm = 1
+        for _ in range(steps):
+            gram = x @ x.T
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # bA + cA^2
+            x = torch.addmm(x, poly, x, beta=a)  # aX + (bA + cA^2)X
+    else:
+        x.div_(torch.linalg.matrix_norm(x).clamp(min=eps)[:, None, None])
+        for _ in range(steps):
+            gram = torch.bmm(x, x.mT)
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
+    return x.mT if tall else x
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
@@ -121,6 +133,9 @@ class MuonHalf(torch.optim.Muon):
         loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            # float32 work is stacked by oriented shape (a tall matrix transposed, as Newton-Schulz iterates it):
+            # one batched iteration per shape instead of one per matrix. bfloat16 stays torch's, matrix by matrix.
+            stacks: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -131,9 +146,19 @@ class MuonHalf(torch.optim.Muon):
                 buf.lerp_(grad, 1 - mu)  # the EMA form: mu*buf + (1 - mu)*g
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 dtype = orthogonalization_dtype(p.device, group.get("ns_dtype", "auto"))
+                if dtype == torch.float32:
+                    key = (min(p.shape), max(p.shape), p.dtype, p.device)
+                    stacks.setdefault(key, []).append((p, update.mT if p.size(0) > p.size(1) else update))
+                    continue
                 o = newton_schulz(update, group["ns_steps"], dtype, group["ns_coefficients"], group["eps"])
                 p.mul_(1 - lr * wd)
                 p.add_(o, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+            for items in stacks.values():
+                ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"], torch.float32,
+                                      group["ns_coefficients"], group["eps"])
+                for (p, _), o in zip(items, ortho):
+                    p.mul_(1 - lr * wd)
+                    p.add_(o.mT if p.size(0) > p.size(1) else o, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 

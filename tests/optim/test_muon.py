@@ -283,3 +283,38 @@ def test_float32_steps_follow_the_published_rule_closely(nesterov, adjust):
         buf = mu * buf + (1 - mu) * grad
         want = want * (1 - lr * wd) - lr * s * exact_newton_schulz(grad + mu * (buf - grad) if nesterov else buf)
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-5 * lr * s)
+
+
+def test_same_shaped_matrices_are_orthogonalised_each_on_its_own():
+    """In float32 the Muon half iterates matrices of one oriented shape as a stack (a tall [6, 4] transposed joins
+    the wide [4, 6]): each still follows the published rule with its own singular values, its own momentum and its
+    own scale s (0.2 sqrt(6) for both orientations, sqrt(max(1, rows/cols)) with "original"); a [5, 5] and a
+    [3, 6] matrix of the same group take their own stacks. One parameter has no gradient at step 2 and is left
+    alone."""
+    from optim.muon import MuonHalf
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(6, 4), (4, 6), (6, 4), (5, 5), (3, 6)]
+    starts = [torch.randn(*sh, generator=g, dtype=torch.float64) * scale
+              for sh, scale in zip(shapes, (1.0, 10.0, 0.1, 1.0, 3.0))]
+    grads = [[torch.randn(*sh, generator=g, dtype=torch.float64) for sh in shapes] for _ in range(3)]
+    lr, wd, mu = 0.05, 0.1, 0.95
+    for adjust in ("match_rms_adamw", "original"):
+        params = [torch.nn.Parameter(s.clone()) for s in starts]
+        opt = MuonHalf(params, ns_dtype="float32", lr=lr, weight_decay=wd, momentum=mu, nesterov=True,
+                       adjust_lr_fn=adjust)
+        for t, step_grads in enumerate(grads):
+            for k, (p, grad) in enumerate(zip(params, step_grads)):
+                p.grad = None if (t == 1 and k == 2) else grad.clone()
+            opt.step()
+        for k, (start, shape) in enumerate(zip(starts, shapes)):
+            rows, cols = shape
+            s = 0.2 * max(rows, cols) ** 0.5 if adjust == "match_rms_adamw" else max(1.0, rows / cols) ** 0.5
+            want, buf = start.clone(), torch.zeros_like(start)
+            for t, step_grads in enumerate(grads):
+                if t == 1 and k == 2:
+                    continue
+                grad = step_grads[k]
+                buf = mu * buf + (1 - mu) * grad
+                want = want * (1 - lr * wd) - lr * s * exact_newton_schulz(grad + mu * (buf - grad))
+            torch.testing.assert_close(params[k].detach(), want, rtol=0, atol=1e-5 * lr * s, msg=f"{adjust} {k}")
