@@ -107,8 +107,9 @@ def char_hand_written(task: CharTransformer, steps: int, block: int, eval_interv
     model = GPT(task.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith(("tok.", "pos."))]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith(("tok.", "pos.")))]
+    # fused=True as the recipe sets it (recipes/char_transformer_cpu/optimizer/adamw.yaml): the same kernel
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                            betas=(0.9, 0.99), weight_decay=0.1)
+                            betas=(0.9, 0.99), weight_decay=0.1, fused=True)
     params = list(model.parameters())
     window = torch.arange(65)
     n_windows = len(task.train_tokens) - 65
