@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim.adam_core import AdamFamily, Batch, adam_defaults, adam_direction, adam_moments_
+from optim.adam_core import AdamFamily, Batch, adam_defaults, adam_direction, adam_moments_, apply_update_
 from optim.cautious import cautious_mask_, decay_mask
 from optim.core import int_at_least, positive
 
@@ -91,11 +91,10 @@ def start_vector(n: int, like: Tensor) -> Tensor:
 @dataclass
 class Bucket:
     """Same-shaped matrices of a group, stepped together: `stack` [2B, rows, cols] holds their directions u in its
-    first half and working copies of the weights in its second; the views are those slices shaped like the params."""
+    first half and working copies of the weights in its second; `w` are the copies' slices shaped like the params."""
 
     idx: list[int]
     stack: Tensor
-    u: list[Tensor]
     w: list[Tensor]
 
 
@@ -120,11 +119,9 @@ def layout(params: list[Tensor]) -> Layout:
     buckets = []
     for (rows, cols, dtype, device), idx in groups.items():
         stack = torch.empty(2 * len(idx), rows, cols, dtype=dtype, device=device)
-        u = [stack[k].view(params[i].shape) for k, i in enumerate(idx)]
-        w = [stack[len(idx) + k].view(params[i].shape) for k, i in enumerate(idx)]
-        for i, view in zip(idx, u):
-            out[i] = view
-        buckets.append(Bucket(idx, stack, u, w))
+        for k, i in enumerate(idx):
+            out[i] = stack[k].view(params[i].shape)
+        buckets.append(Bucket(idx, stack, [stack[len(idx) + k].view(params[i].shape) for k, i in enumerate(idx)]))
     vectors = [i for i, p in enumerate(params) if p.ndim < 2]
     for i in vectors:
         out[i] = torch.empty_like(params[i])
@@ -166,7 +163,7 @@ class AdamW2(AdamFamily):
         u = adam_direction(m, v, group["betas"], group["eps"], batch.steps, plan.out)
         if group["cautious"]:
             cautious_mask_(u, batch.grads)
-        masks = decay_mask(params, u) if wd != 0 and group["cautious_wd"] else None
+        cautious_wd = wd != 0 and group["cautious_wd"]
 
         for bucket in plan.buckets:
             count, ps = len(bucket.idx), [params[i] for i in bucket.idx]
@@ -174,21 +171,17 @@ class AdamW2(AdamFamily):
             rate = self._rate(group, [states[i] for i in bucket.idx], bucket.stack).view(count, 1, 1)
             weights, step = bucket.stack[count:], bucket.stack[:count]
             # p <- p - rate*(wd*[mask]*p + u), on the copies, then back into the params
-            if masks is not None:
-                decay = torch.stack([as_matrix(masks[i]) for i in bucket.idx]).mul_(weights)
+            if cautious_wd:  # decay only where p*u >= 0
+                decay = decay_mask([weights], [step])[0].mul_(weights)
                 weights.addcmul_(decay, rate * wd, value=-1.0)
             elif wd != 0:
                 weights.mul_(1.0 - wd * rate)
             weights.addcmul_(step, rate, value=-1.0)
             torch._foreach_copy_(ps, bucket.w)
 
-        if plan.vectors:  # AdamW's step
-            ps, step = [params[i] for i in plan.vectors], [u[i] for i in plan.vectors]
-            if masks is not None:
-                torch._foreach_addcmul_(ps, [masks[i] for i in plan.vectors], ps, value=-lr * wd)
-            elif wd != 0:
-                torch._foreach_mul_(ps, 1.0 - lr * wd)
-            torch._foreach_add_(ps, step, alpha=-lr)
+        if plan.vectors:  # AdamW's step (u is already masked when cautious)
+            apply_update_([params[i] for i in plan.vectors], [u[i] for i in plan.vectors], [], lr, wd,
+                          cautious_wd=group["cautious_wd"])
 
     def _rate(self, group: dict[str, Any], states: list[dict[str, Any]], stack: Tensor) -> Tensor:
         """min(lr, tau*sigma_1(W)/sigma_1(u)) for each matrix of a bucket (`stack`: u's then W's), a [B] tensor;

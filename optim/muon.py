@@ -117,6 +117,12 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr * math.sqrt(rows / cols)
 
 
+def _decay_and_step(p: torch.Tensor, o: torch.Tensor, group: dict[str, Any]) -> None:
+    """p <- p (1 - lr wd) - lr s O, with Muon's scale s for p's shape."""
+    p.mul_(1 - group["lr"] * group["weight_decay"])
+    p.add_(o, alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+
+
 class MuonHalf(torch.optim.Muon):
     """torch.optim.Muon (its constructor, checks, defaults and state layout) with the Newton-Schulz dtype as
     the group option `ns_dtype`; step() is torch's single-tensor step with that dtype."""
@@ -132,10 +138,11 @@ class MuonHalf(torch.optim.Muon):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         loss = closure_loss(closure)
         for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            mu = group["momentum"]
             # float32 work is stacked by oriented shape (a tall matrix transposed, as Newton-Schulz iterates it):
             # one batched iteration per shape instead of one per matrix. bfloat16 stays torch's, matrix by matrix.
             stacks: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -151,14 +158,12 @@ class MuonHalf(torch.optim.Muon):
                     stacks.setdefault(key, []).append((p, update.mT if p.size(0) > p.size(1) else update))
                     continue
                 o = newton_schulz(update, group["ns_steps"], dtype, group["ns_coefficients"], group["eps"])
-                p.mul_(1 - lr * wd)
-                p.add_(o, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+                _decay_and_step(p, o, group)
             for items in stacks.values():
                 ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"], torch.float32,
                                       group["ns_coefficients"], group["eps"])
                 for (p, _), o in zip(items, ortho):
-                    p.mul_(1 - lr * wd)
-                    p.add_(o.mT if p.size(0) > p.size(1) else o, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+                    _decay_and_step(p, o.mT if p.size(0) > p.size(1) else o, group)
         return loss
 
 
