@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -61,8 +60,10 @@ class Analysis:
     curves: dict[str, dict[int, Curve]]
 
 
-def best_value(curve: Curve, final: float | None, mode: str) -> float | None:
-    values = [v for v in curve.values if math.isfinite(v)] + ([final] if final is not None else [])
+def best_value(curve: Curve, mode: str) -> float | None:
+    """The best evaluation: the curve time to target searches. A final metric can be another measurement (the
+    char-GPT's whole split against its evaluations' windows), so it stays out."""
+    values = [v for v in curve.values if math.isfinite(v)]
     if not values:
         return None
     return min(values) if mode == "min" else max(values)
@@ -78,11 +79,10 @@ def analyse(plan: Plan, tuning: dict[str, Tuning] | None, finals: dict[str, list
                       if estimated else "time/train_s of each evaluation (training only)")
     target_source = "--target"
     if target is None:
-        bests = [best_value(curves[base][r.trial.seed], r.value, mode) for r in finals.get(base, [])
-                 if r.status == "finished"]
-        bests = [b for b in bests if b is not None]
-        target = float(np.median(bests)) if bests else None
-        target_source = f"the median over seeds of {base}'s best {metric}"
+        bests = [best_value(c, mode) for c in curves.get(base, {}).values()]
+        target = stats.median_run([b for b in bests if b is not None], mode)
+        target_source = (f"the best evaluated {metric} of {base}'s median run (of an even number of runs, the "
+                         "worse middle one)")
     values = {o: {r.trial.seed: r.value for r in rs if r.status == "finished"} for o, rs in finals.items()}
     tests = {o: {r.trial.seed: r.final[plan.test_metric] for r in rs
                  if r.status == "finished" and isinstance(r.final.get(plan.test_metric), (int, float))}
@@ -361,7 +361,7 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
     failures = [f"- {r.option}: {r.final_failures} of {len(plan.seeds)} final runs did not finish (see the runs)"
                 for r in a.rows if r.final_failures]
     if a.target is None:
-        failures.append("- no target: the baseline has no finished final run")
+        failures.append(f"- no target: the baseline has no finished final run with an evaluation of `{m}`")
     elif all(r.ttt.hits == 0 for r in a.rows):
         failures.append(f"- no run reached the target {num(a.target, 5)}")
     lines += ["", *flags, *failures, "", "## Figures", ""]

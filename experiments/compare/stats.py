@@ -25,7 +25,8 @@ Mann-Whitney U statistic over n*m (`scipy.stats.mannwhitneyu`).
 
 Time to target (AlgoPerf, Dahl et al. 2306.07179): the first evaluated step, and the training seconds at it
 (evaluation excluded), at which a run's validation metric reaches the target; a miss is infinite. Per option: the
-median over seeds, the hit rate, and the speed-up over the baseline (baseline median / option median).
+median over seeds, the hit rate, and the speed-up over the baseline (baseline median / option median). The default
+target is the best evaluation of the baseline's median run: an actual run's value, so that run reaches it.
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ def prob_improvement(option: Sequence[float], baseline: Sequence[float], mode: s
         x, y = -x, -y
     u = stats.mannwhitneyu(x, y, alternative="two-sided").statistic  # #(x > y) + ties / 2
     return float(u) / (len(x) * len(y))
+
+
+def median_run(bests: Sequence[float], mode: str) -> float | None:
+    """The median of the runs' best values, taken as an actual run's value: of an even count the worse of the two
+    middle ones (the mean of the two would be reached by only half the runs, so the median time to it is never)."""
+    if not bests:
+        return None
+    ordered = sorted(bests)
+    return float(ordered[len(ordered) // 2] if mode == "min" else ordered[(len(ordered) - 1) // 2])
 
 
 @dataclass(frozen=True)
