@@ -79,10 +79,10 @@ def analyse(plan: Plan, tuning: dict[str, Tuning] | None, finals: dict[str, list
                       if estimated else "time/train_s of each evaluation (training only)")
     target_source = "--target"
     if target is None:
-        bests = [best_value(c, mode) for c in curves.get(base, {}).values()]
-        target = stats.median_run([b for b in bests if b is not None], mode)
-        target_source = (f"the best evaluated {metric} of {base}'s median run (of an even number of runs, the "
-                         "worse middle one)")
+        bests = [b for c in curves.get(base, {}).values() if (b := best_value(c, mode)) is not None]
+        target = stats.median_run(bests, mode)
+        target_source = f"the best evaluated {metric} of {base}'s median run" + (
+            " (of an even number of runs, the worse middle one)" if len(bests) % 2 == 0 else "")
     values = {o: {r.trial.seed: r.value for r in rs if r.status == "finished"} for o, rs in finals.items()}
     tests = {o: {r.trial.seed: r.final[plan.test_metric] for r in rs
                  if r.status == "finished" and isinstance(r.final.get(plan.test_metric), (int, float))}

@@ -17,7 +17,8 @@ here: scipy.stats offers only Benjamini-Hochberg/Yekutieli (`false_discovery_con
 discovery rate, not the family-wise error a verdict per option needs.
 
 Verdict at alpha = 0.05: "better" or "worse" (by the sign of the mean difference and the task's monitor mode) when
-the Holm-adjusted p-value is below alpha, else "no detectable difference".
+the Holm-adjusted p-value is below alpha, else "no detectable difference". An option with fewer than two finished
+pairs has no test: no p-value, no verdict, and no share of the correction.
 
 Probability of improvement (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice", 2108.13264):
 P(X better than Y) for a random run X of the option and Y of the baseline, ties counting one half, i.e. the
@@ -102,15 +103,15 @@ def paired_test(option: Sequence[float], baseline: Sequence[float]) -> Paired:
     return Paired(n, float(d.mean()), float(ci.low), float(ci.high), p)
 
 
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values (a missing p counts as 1): the i-th smallest becomes
-    max over j <= i of min(1, (m - j + 1) p_(j))."""
-    p = [1.0 if (v is None or not math.isfinite(v)) else float(v) for v in pvalues]
-    m = len(p)
-    adjusted = [1.0] * m
+def holm(pvalues: Sequence[float | None]) -> list[float]:
+    """Holm-adjusted p-values over the m tests that ran: the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). A missing p (no test ran) stays nan and is not one of the m."""
+    ran = [i for i, v in enumerate(pvalues) if v is not None and math.isfinite(v)]
+    m = len(ran)
+    adjusted = [math.nan] * len(pvalues)
     running = 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda i: p[i])):
-        running = max(running, min(1.0, (m - rank) * p[i]))
+    for rank, i in enumerate(sorted(ran, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
         adjusted[i] = running
     return adjusted
 
@@ -120,7 +121,9 @@ def better(a: float, b: float, mode: str) -> bool:
 
 
 def verdict(p_holm: float, diff: float, mode: str, alpha: float = ALPHA) -> str:
-    if not math.isfinite(p_holm) or p_holm >= alpha or diff == 0:
+    if not math.isfinite(p_holm):
+        return "no test"
+    if p_holm >= alpha or diff == 0:
         return "no detectable difference"
     return "better" if better(diff, 0.0, mode) else "worse"
 

@@ -9,7 +9,10 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from experiments.compare import report
+import pytest
+from rich.console import Console
+
+from experiments.compare import report, stats
 from experiments.compare.runs import Result, Trial
 
 STEPS = [10, 20, 30, 40]
@@ -45,6 +48,7 @@ def test_the_default_target_with_an_even_number_of_seeds_is_reached_by_the_basel
               "b": [result(tmp_path, "b", 1, [2.0, 1.0, 0.9, 0.8]), result(tmp_path, "b", 2, [2.5, 1.9, 1.8, 1.7])]}
     a = report.analyse(plan(["a", "b"], [1, 2]), None, finals, None)
     assert a.target == 2.0
+    assert a.target_source.endswith("median run (of an even number of runs, the worse middle one)")
     base, b = a.rows
     assert (base.ttt.hits, base.ttt.median_step) == (2, 30.0)  # steps 20 and 40
     assert (b.ttt.hits, b.ttt.median_step) == (2, 15.0)  # steps 10 and 20
@@ -70,8 +74,7 @@ def test_the_default_target_ignores_the_final_metric_that_is_not_an_evaluation(t
               "b": [result(tmp_path, "b", s, [1.2, 1.1, 1.0, 1.0], final=0.5) for s in [1, 2, 3]]}
     a = report.analyse(plan(["a", "b"], [1, 2, 3]), None, finals, None)
     assert a.target == 1.2
-    assert a.target_source == ("the best evaluated val_loss of a's median run (of an even number of runs, the worse "
-                               "middle one)")
+    assert a.target_source == "the best evaluated val_loss of a's median run"
     assert (a.rows[0].ttt.hits, a.rows[0].ttt.median_step) == (2, 40.0)
     assert a.rows[1].speedup_steps == 4.0
 
@@ -82,3 +85,41 @@ def test_a_given_target_is_kept(tmp_path):
     a = report.analyse(plan(["a", "b"], [1, 2]), None, finals, 1.5)
     assert (a.target, a.target_source) == (1.5, "--target")
     assert (a.rows[0].ttt.hits, a.rows[0].ttt.median_step) == (1, math.inf)
+
+
+def table(p: SimpleNamespace, a: report.Analysis) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The printed table as {option: {column: cell}}, and every printed line."""
+    console = Console(width=400, record=True)
+    report.print_table(p, a, console)
+    lines = console.export_text().splitlines()
+    head = [c.strip() for c in next(line for line in lines if line.startswith("┃")).split("┃")[1:-1]]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    return {r[0].removesuffix(" (base)"): dict(zip(head, r, strict=True)) for r in rows}, lines
+
+
+def test_no_p_value_or_verdict_where_no_test_ran(tmp_path):
+    """c has one finished run: no paired test, so no p-value, and it takes no share of Holm's correction (b's
+    p-value is its own: one test ran)."""
+    finals = {"a": [result(tmp_path, "a", s, [1.0, 1.0, 1.0, v]) for s, v in [(1, 1.0), (2, 1.2), (3, 0.9)]],
+              "b": [result(tmp_path, "b", s, [1.0, 1.0, 1.0, v]) for s, v in [(1, 0.8), (2, 1.1), (3, 0.85)]],
+              "c": [result(tmp_path, "c", 1, [1.0, 1.0, 1.0, 0.7]), result(tmp_path, "c", 2, None, status="diverged"),
+                    result(tmp_path, "c", 3, None, status="diverged")]}
+    p = plan(["a", "b", "c"], [1, 2, 3])
+    a = report.analyse(p, None, finals, None)
+    base, b, c = a.rows
+    assert b.p_holm == pytest.approx(stats.paired_test([0.8, 1.1, 0.85], [1.0, 1.2, 0.9]).p)
+    assert math.isnan(c.p_holm) and c.verdict == "too few finished runs"
+    assert (report.row_dict(c)["p_holm"], report.row_dict(c)["p"]) == (None, None)
+    assert report.row_dict(base)["p_holm"] is None
+    cells, _ = table(p, a)
+    assert (cells["c"]["p Holm"], cells["c"]["verdict"]) == ("-", "too few finished runs")
+    assert cells["b"]["p Holm"] == f"{b.p_holm:.2g}" and cells["a"]["p Holm"] == "-"
+
+
+def test_holm_corrects_over_the_tests_that_ran_only():
+    assert stats.holm([0.01, math.nan, 0.04]) == pytest.approx([0.02, math.nan, 0.04], nan_ok=True)
+    assert all(math.isnan(v) for v in stats.holm([math.nan, None]))
+
+
+def test_a_verdict_needs_a_p_value():
+    assert stats.verdict(math.nan, -1.0, "min") == "no test"
