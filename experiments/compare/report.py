@@ -32,6 +32,7 @@ class Row:
     lr_factor: float | None  # lr / the option's default
     tuned: dict[str, str]  # --tune keys' chosen values
     flag: str
+    chosen_full_budget: bool | None  # whether the setting finished a full-budget tuning trial; None: not tuned
     val: stats.Summary
     test: stats.Summary | None
     paired: stats.Paired | None
@@ -125,6 +126,7 @@ def analyse(plan: Plan, tuning: dict[str, Tuning] | None, finals: dict[str, list
             option=o, baseline=o == base, lr=used.lr if used else None,
             lr_factor=(lr_multiplier(t.chosen.k) if t and t.chosen else None if t else 1.0),
             tuned=dict(t.chosen.extra) if t and t.chosen else {}, flag=t.flag if t else "",
+            chosen_full_budget=t.chosen_rung == len(plan.rungs) - 1 if t and t.chosen else None,
             val=stats.describe(list(values.get(o, {}).values())),
             test=stats.describe(test_values) if test_values else None, paired=p, p_holm=p_holm,
             p_improve=(stats.prob_improvement(list(values[o].values()), list(values[base].values()), mode)
@@ -230,7 +232,7 @@ def git_state() -> dict[str, Any]:
 def row_dict(r: Row) -> dict[str, Any]:
     d = {
         "option": r.option, "baseline": r.baseline, "lr": r.lr, "lr_factor": r.lr_factor, **{
-            f"tuned/{k}": v for k, v in r.tuned.items()}, "flag": r.flag,
+            f"tuned/{k}": v for k, v in r.tuned.items()}, "flag": r.flag, "chosen_full_budget": r.chosen_full_budget,
         "val_n": r.val.n, "val_mean": r.val.mean, "val_std": r.val.std, "val_ci_low": r.val.low,
         "val_ci_high": r.val.high,
         "test_mean": r.test.mean if r.test else None, "test_std": r.test.std if r.test else None,

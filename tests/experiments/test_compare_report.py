@@ -14,6 +14,8 @@ from rich.console import Console
 
 from experiments.compare import report, stats
 from experiments.compare.runs import Result, Trial
+from experiments.compare.tuning import Point, Tuning, tune
+from tests.experiments.test_compare_stats import SIZES, Out, objective
 
 STEPS = [10, 20, 30, 40]
 
@@ -22,7 +24,7 @@ def plan(options: list[str], seeds: list[int], mode: str = "min", screen: bool =
     """What analyse and print_table read from a Plan."""
     return SimpleNamespace(
         metric="val_loss", mode=mode, test_metric="test_loss", screen=screen, seeds=seeds, axis="optimizer",
-        options=[SimpleNamespace(label=o) for o in options], tuning_steps=lambda: 0,
+        options=[SimpleNamespace(label=o) for o in options], tuning_steps=lambda: 0, rungs=(4, 12, 36),
         baseline=SimpleNamespace(label=options[0], cfg=SimpleNamespace(task=SimpleNamespace(_target_="t.Toy"))))
 
 
@@ -123,3 +125,33 @@ def test_holm_corrects_over_the_tests_that_ran_only():
 
 def test_a_verdict_needs_a_p_value():
     assert stats.verdict(math.nan, -1.0, "min") == "no test"
+
+
+def test_a_setting_that_never_finished_a_full_budget_trial_is_flagged():
+    """The full-budget (rung 2) trial diverges: the next rung-1 setting is taken, and the tuning says so."""
+    unstable = objective(1.3)
+
+    def value(rung: int, p: Point) -> Out:
+        return Out(None, "diverged", 0) if rung == 2 else unstable(rung, p)
+
+    state = tune(["a", "ok"], list(SIZES), "min", [], lambda batch: [
+        (value if o == "a" else unstable)(r, p) for o, r, p in batch])
+    t = state["a"]
+    full = [p for (r, p) in t.trials if r == 2]
+    assert t.flag == ("no full-budget tuning trial finished (1 diverged): the setting is rung 1's best "
+                      "(1/3 of the budget), never tuned at the full budget")
+    assert t.chosen_rung == 1 and t.chosen not in full
+    assert state["ok"].chosen_rung == 2 and state["ok"].flag == ""
+
+
+def test_the_report_flags_a_setting_without_a_full_budget_tuning_run(tmp_path):
+    finals = {o: [result(tmp_path, o, s, [3.0, 2.0, 1.5, 1.0]) for s in (1, 2)] for o in ("a", "b")}
+    tuning = {"a": Tuning(chosen=Point(0.0), chosen_rung=2),
+              "b": Tuning(flag="no full-budget tuning trial finished (1 diverged): ...", chosen=Point(0.5),
+                          chosen_rung=1)}
+    p = plan(["a", "b"], [1, 2])
+    a = report.analyse(p, tuning, finals, None)
+    assert [report.row_dict(r)["chosen_full_budget"] for r in a.rows] == [True, False]
+    assert report.row_dict(report.analyse(p, None, finals, None).rows[0])["chosen_full_budget"] is None  # screening
+    _, lines = table(p, a)
+    assert "  ! b: no full-budget tuning trial finished (1 diverged): ..." in lines
