@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -33,6 +32,7 @@ class Row:
     lr_factor: float | None  # lr / the option's default
     tuned: dict[str, str]  # --tune keys' chosen values
     flag: str
+    chosen_full_budget: bool | None  # whether the setting finished a full-budget tuning trial; None: not tuned
     val: stats.Summary
     test: stats.Summary | None
     paired: stats.Paired | None
@@ -61,8 +61,10 @@ class Analysis:
     curves: dict[str, dict[int, Curve]]
 
 
-def best_value(curve: Curve, final: float | None, mode: str) -> float | None:
-    values = [v for v in curve.values if math.isfinite(v)] + ([final] if final is not None else [])
+def best_value(curve: Curve, mode: str) -> float | None:
+    """The best evaluation: the curve time to target searches. A final metric can be another measurement (the
+    char-GPT's whole split against its evaluations' windows), so it stays out."""
+    values = [v for v in curve.values if math.isfinite(v)]
     if not values:
         return None
     return min(values) if mode == "min" else max(values)
@@ -78,11 +80,10 @@ def analyse(plan: Plan, tuning: dict[str, Tuning] | None, finals: dict[str, list
                       if estimated else "time/train_s of each evaluation (training only)")
     target_source = "--target"
     if target is None:
-        bests = [best_value(curves[base][r.trial.seed], r.value, mode) for r in finals.get(base, [])
-                 if r.status == "finished"]
-        bests = [b for b in bests if b is not None]
-        target = float(np.median(bests)) if bests else None
-        target_source = f"the median over seeds of {base}'s best {metric}"
+        bests = [b for c in curves.get(base, {}).values() if (b := best_value(c, mode)) is not None]
+        target = stats.median_run(bests, mode)
+        target_source = f"the best evaluated {metric} of {base}'s median run" + (
+            " (of an even number of runs, the worse middle one)" if len(bests) % 2 == 0 else "")
     values = {o: {r.trial.seed: r.value for r in rs if r.status == "finished"} for o, rs in finals.items()}
     tests = {o: {r.trial.seed: r.final[plan.test_metric] for r in rs
                  if r.status == "finished" and isinstance(r.final.get(plan.test_metric), (int, float))}
@@ -125,6 +126,7 @@ def analyse(plan: Plan, tuning: dict[str, Tuning] | None, finals: dict[str, list
             option=o, baseline=o == base, lr=used.lr if used else None,
             lr_factor=(lr_multiplier(t.chosen.k) if t and t.chosen else None if t else 1.0),
             tuned=dict(t.chosen.extra) if t and t.chosen else {}, flag=t.flag if t else "",
+            chosen_full_budget=t.chosen_rung == len(plan.rungs) - 1 if t and t.chosen else None,
             val=stats.describe(list(values.get(o, {}).values())),
             test=stats.describe(test_values) if test_values else None, paired=p, p_holm=p_holm,
             p_improve=(stats.prob_improvement(list(values[o].values()), list(values[base].values()), mode)
@@ -230,7 +232,7 @@ def git_state() -> dict[str, Any]:
 def row_dict(r: Row) -> dict[str, Any]:
     d = {
         "option": r.option, "baseline": r.baseline, "lr": r.lr, "lr_factor": r.lr_factor, **{
-            f"tuned/{k}": v for k, v in r.tuned.items()}, "flag": r.flag,
+            f"tuned/{k}": v for k, v in r.tuned.items()}, "flag": r.flag, "chosen_full_budget": r.chosen_full_budget,
         "val_n": r.val.n, "val_mean": r.val.mean, "val_std": r.val.std, "val_ci_low": r.val.low,
         "val_ci_high": r.val.high,
         "test_mean": r.test.mean if r.test else None, "test_std": r.test.std if r.test else None,
@@ -361,7 +363,7 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
     failures = [f"- {r.option}: {r.final_failures} of {len(plan.seeds)} final runs did not finish (see the runs)"
                 for r in a.rows if r.final_failures]
     if a.target is None:
-        failures.append("- no target: the baseline has no finished final run")
+        failures.append(f"- no target: the baseline has no finished final run with an evaluation of `{m}`")
     elif all(r.ttt.hits == 0 for r in a.rows):
         failures.append(f"- no run reached the target {num(a.target, 5)}")
     lines += ["", *flags, *failures, "", "## Figures", ""]

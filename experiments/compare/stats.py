@@ -17,7 +17,8 @@ here: scipy.stats offers only Benjamini-Hochberg/Yekutieli (`false_discovery_con
 discovery rate, not the family-wise error a verdict per option needs.
 
 Verdict at alpha = 0.05: "better" or "worse" (by the sign of the mean difference and the task's monitor mode) when
-the Holm-adjusted p-value is below alpha, else "no detectable difference".
+the Holm-adjusted p-value is below alpha, else "no detectable difference". An option with fewer than two finished
+pairs has no test: no p-value, no verdict, and no share of the correction.
 
 Probability of improvement (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice", 2108.13264):
 P(X better than Y) for a random run X of the option and Y of the baseline, ties counting one half, i.e. the
@@ -25,7 +26,8 @@ Mann-Whitney U statistic over n*m (`scipy.stats.mannwhitneyu`).
 
 Time to target (AlgoPerf, Dahl et al. 2306.07179): the first evaluated step, and the training seconds at it
 (evaluation excluded), at which a run's validation metric reaches the target; a miss is infinite. Per option: the
-median over seeds, the hit rate, and the speed-up over the baseline (baseline median / option median).
+median over seeds, the hit rate, and the speed-up over the baseline (baseline median / option median). The default
+target is the best evaluation of the baseline's median run: an actual run's value, so that run reaches it.
 """
 
 from __future__ import annotations
@@ -101,15 +103,15 @@ def paired_test(option: Sequence[float], baseline: Sequence[float]) -> Paired:
     return Paired(n, float(d.mean()), float(ci.low), float(ci.high), p)
 
 
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values (a missing p counts as 1): the i-th smallest becomes
-    max over j <= i of min(1, (m - j + 1) p_(j))."""
-    p = [1.0 if (v is None or not math.isfinite(v)) else float(v) for v in pvalues]
-    m = len(p)
-    adjusted = [1.0] * m
+def holm(pvalues: Sequence[float | None]) -> list[float]:
+    """Holm-adjusted p-values over the m tests that ran: the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). A missing p (no test ran) stays nan and is not one of the m."""
+    ran = [i for i, v in enumerate(pvalues) if v is not None and math.isfinite(v)]
+    m = len(ran)
+    adjusted = [math.nan] * len(pvalues)
     running = 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda i: p[i])):
-        running = max(running, min(1.0, (m - rank) * p[i]))
+    for rank, i in enumerate(sorted(ran, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
         adjusted[i] = running
     return adjusted
 
@@ -119,7 +121,9 @@ def better(a: float, b: float, mode: str) -> bool:
 
 
 def verdict(p_holm: float, diff: float, mode: str, alpha: float = ALPHA) -> str:
-    if not math.isfinite(p_holm) or p_holm >= alpha or diff == 0:
+    if not math.isfinite(p_holm):
+        return "no test"
+    if p_holm >= alpha or diff == 0:
         return "no detectable difference"
     return "better" if better(diff, 0.0, mode) else "worse"
 
@@ -132,6 +136,15 @@ def prob_improvement(option: Sequence[float], baseline: Sequence[float], mode: s
         x, y = -x, -y
     u = stats.mannwhitneyu(x, y, alternative="two-sided").statistic  # #(x > y) + ties / 2
     return float(u) / (len(x) * len(y))
+
+
+def median_run(bests: Sequence[float], mode: str) -> float | None:
+    """The median of the runs' best values, taken as an actual run's value: of an even count the worse of the two
+    middle ones (the mean of the two would be reached by only half the runs, so the median time to it is never)."""
+    if not bests:
+        return None
+    ordered = sorted(bests)
+    return float(ordered[len(ordered) // 2] if mode == "min" else ordered[(len(ordered) - 1) // 2])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ at every rung. The 2 extra points of rung 0 are chosen after the grid has run: p
 half-decades) when the best grid point is on the edge or every point failed, which is flagged; otherwise a
 quarter-decade either side of the best. Either way every option runs the same trials per rung, so every option
 spends exactly the same number of steps, pruned, failed and diverged trials included; a failed trial ranks last
-and is still promoted when fewer than the rung's quota finished.
+and is still promoted when fewer than the rung's quota finished. When no full-budget trial finishes (it diverged,
+say), the best setting of the rung below that did not fail higher up is taken, and flagged: it never finished a
+full-budget run in tuning.
 
 Written here rather than taken from Optuna: its SuccessiveHalvingPruner stops one trial at a rung and resumes it
 on the next (a schedule then stops mid-way), and its trial counts depend on the sampler; this protocol needs fixed,
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Protocol
 
-from experiments.compare.plan import EXTRA_POINTS, GRID
+from experiments.compare.plan import EXTRA_POINTS, GRID, RUNG_FRACTIONS
 
 
 @dataclass(frozen=True, order=True)
@@ -51,6 +55,7 @@ class Tuning:
     trials: dict[tuple[int, Point], Any] = field(default_factory=dict)
     flag: str = ""
     chosen: Point | None = None
+    chosen_rung: int | None = None  # the rung whose trial chose it: below the last, it never ran the full budget
 
     def diverged_share(self) -> float:
         return sum(o.status == "diverged" for o in self.trials.values()) / max(1, len(self.trials))
@@ -123,21 +128,34 @@ def tune(options: Sequence[str], sizes: Sequence[int], mode: str, tune_keys: Seq
             batch += [(o, rung, p) for p in rank(below, mode)[: sizes[rung]]]
         phase(batch)
     for o in options:
-        state[o].chosen = choose(state[o], len(sizes), mode)
-        edge = {p.k for (r, p) in state[o].trials if r == 0}
-        if state[o].chosen is not None and state[o].flag and state[o].chosen.k in (min(edge), max(edge)):
-            state[o].flag += "; the chosen LR is still on the edge"
+        t = state[o]
+        t.chosen_rung, t.chosen = choose(t, len(sizes), mode) or (None, None)
+        edge = {p.k for (r, p) in t.trials if r == 0}
+        if t.chosen is not None and t.flag and t.chosen.k in (min(edge), max(edge)):
+            t.flag += "; the chosen LR is still on the edge"
+        if t.chosen_rung is not None and t.chosen_rung < len(sizes) - 1:
+            t.flag = "; ".join(filter(None, [t.flag, short_of_budget(t, len(sizes))]))
     return state
 
 
-def choose(tuning: Tuning, n_rungs: int, mode: str) -> Point | None:
-    """The best finished trial of the highest rung; a setting that failed at a higher rung is not taken from a
-    lower one. None when nothing finished."""
+def choose(tuning: Tuning, n_rungs: int, mode: str) -> tuple[int, Point] | None:
+    """The best finished trial of the highest rung, with that rung; a setting that failed at a higher rung is not
+    taken from a lower one. None when nothing finished."""
     failed_higher: set[Point] = set()
     for rung in reversed(range(n_rungs)):
         results = {p: o for (r, p), o in tuning.trials.items() if r == rung}
         for p in rank(results, mode):
             if finished(results[p]) and p not in failed_higher:
-                return p
+                return rung, p
         failed_higher |= {p for p, o in results.items() if not finished(o)}
     return None
+
+
+def short_of_budget(tuning: Tuning, n_rungs: int) -> str:
+    """The flag of a setting chosen below the last rung: no full-budget trial finished, so the final runs are its
+    first at the full budget."""
+    ended = Counter(o.status for (r, _), o in tuning.trials.items() if r == n_rungs - 1)
+    share = RUNG_FRACTIONS[tuning.chosen_rung] if n_rungs == len(RUNG_FRACTIONS) else None
+    fraction = f" ({Fraction(share).limit_denominator(100)} of the budget)" if share else ""
+    return (f"no full-budget tuning trial finished ({', '.join(f'{n} {s}' for s, n in sorted(ended.items()))}): "
+            f"the setting is rung {tuning.chosen_rung}'s best{fraction}, never tuned at the full budget")

@@ -162,6 +162,21 @@ def test_the_report_holds_the_runs_own_numbers(compared):
     assert "optimizer on Regression" in compared.second.out  # the table
 
 
+def test_the_default_target_is_reached_by_the_baseline_median_run(compared):
+    """Two seeds: the target is the worse of the baseline's two best evaluations, so both its runs reach it and
+    every option's speed-up is a number (or "never" for a median run that misses), not "-"."""
+    doc = compared.doc
+    bests = []
+    for t in doc["trials"]:
+        if t["phase"] == "seed" and t["option"] == "sgd":
+            rows = [json.loads(line) for line in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            bests.append(min(r["eval/val_loss"] for r in rows if "eval/val_loss" in r))
+    assert doc["target"] == max(bests)
+    sgd, adam = (next(r for r in doc["rows"] if r["option"] == o) for o in ("sgd", "adam"))
+    assert sgd["ttt_hit_rate"] == 1.0 and sgd["ttt_median_steps"] != "inf"
+    assert adam["speedup_steps"] is not None
+
+
 def test_the_printed_command_reproduces_a_final_run(compared, tmp_path):
     trial = next(t for t in compared.doc["trials"] if t["phase"] == "seed" and t["option"] == "adam")
     env_part, *command = shlex.split(trial["command"])
