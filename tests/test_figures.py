@@ -28,6 +28,7 @@ from schedules import plot as schedule_plot
 from tasks.image_classification import ImageClassification
 from tasks.mnist_vae import MnistVAE
 from tests.conftest import ROOT
+from trainer import figures
 
 matplotlib.use("Agg")
 MIN_PIXELS = 9  # the smallest text height we call readable: 7 pt at 100 dpi is 9.7 px
@@ -195,3 +196,15 @@ def test_every_figure_is_made_and_written_through_trainer_figures():
     found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sources
              for i, line in enumerate(p.read_text().splitlines(), 1) if around.search(line)]
     assert len(sources) > 50 and not found, "\n".join(found)
+
+
+def test_fit_wraps_a_long_title_and_grows_a_figure_too_small_for_its_labels(drawn, tmp_path):
+    fig, ax = figures.subplots(figsize=(2.5, 2))
+    ax.plot([0, 1, 2], [0, 1, 2])
+    ax.set_yticks(range(3), [f"a category name wider than the figure, number {i}" for i in range(3)])
+    title = "a title much longer than this small figure is wide, to be wrapped onto lines"
+    ax.set_title(title)
+    figures.save(fig, tmp_path / "small.png", dpi=100)
+    assert_fit(drawn, {"small.png"})
+    assert ax.get_title().replace("\n", " ") == title and ax.get_title().count("\n") >= 1
+    assert fig.get_size_inches()[0] > 4  # the tick labels alone are wider than 2.5 inches

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,34 +50,38 @@ def add_figure(writer: Any, tag: str, fig: Any, step: int) -> None:
 def fit(fig: Any, dpi: float) -> Any:
     """Wrap titles and axis labels longer than their axes, then grow the figure until every text is inside it."""
     fig.set_dpi(dpi)
-    fig.draw_without_rendering()  # runs the layout and places every text; no pixels drawn
-    renderer = fig.canvas.get_renderer()
+    if fig.get_layout_engine() is None:  # a figure made elsewhere: growing it only helps with a layout
+        fig.set_layout_engine("constrained")
     texts = _wrappable(fig)
-    for _ in range(ROUNDS):
-        wrapped = any([_wrap(text, label, room(renderer), along, renderer) for text, label, room, along in texts])
-        if wrapped:
-            fig.draw_without_rendering()
-        grown = _grow_to_content(fig, renderer)
-        if grown:
-            fig.draw_without_rendering()
-            renderer = fig.canvas.get_renderer()  # a new size: a new renderer
-        if not (wrapped or grown):
-            break
+    with warnings.catch_warnings():  # a layout that does not fit yet is what the rounds below fix
+        warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
+        fig.draw_without_rendering()  # runs the layout and places every text; no pixels drawn
+        renderer = fig.canvas.get_renderer()
+        for _ in range(ROUNDS):
+            wrapped = any([_wrap(text, label, room(), along, renderer) for text, label, room, along in texts])
+            if wrapped:
+                fig.draw_without_rendering()
+            grown = _grow_to_content(fig, renderer)
+            if grown:
+                fig.draw_without_rendering()
+                renderer = fig.canvas.get_renderer()  # a new size: a new renderer
+            if not (wrapped or grown):
+                break
     return fig
 
 
 def _wrappable(fig: Any) -> list[tuple[Any, str, Any, str]]:
-    """(text, its label as written, its room in pixels given a renderer, the extent that must fit the room):
+    """(text, its label as written, its room in pixels as laid out now, the extent that must fit the room):
     titles and x labels are as wide as their axes' place in the layout at most, y labels as tall, the suptitle
     as wide as the figure. The place, not the axes' box: an image's axes shrink to its aspect, and more title
     lines would shrink it further."""
     def place(ax: Any, along: str) -> Any:
-        return lambda renderer: getattr(ax.get_position(original=True), along) * getattr(fig.bbox, along)
+        return lambda: getattr(ax.get_position(original=True), along) * getattr(fig.bbox, along)
 
     texts = [(t, t.get_text(), place(ax, along), along) for ax in fig.axes
              for t, along in ((ax.title, "width"), (ax.xaxis.label, "width"), (ax.yaxis.label, "height"))]
     if fig._suptitle is not None:
-        texts.append((fig._suptitle, fig._suptitle.get_text(), lambda renderer: fig.bbox.width, "width"))
+        texts.append((fig._suptitle, fig._suptitle.get_text(), lambda: fig.bbox.width, "width"))
     return [t for t in texts if t[0].get_visible() and t[1].strip()]
 
 
