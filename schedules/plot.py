@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from schedules.horizon import Horizon
+from trainer import figures
 from trainer.validate import train_size
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -49,11 +50,6 @@ def horizon_of(cfg: DictConfig, steps_per_epoch: int | None) -> Horizon:
 
 def plot(overrides: list[str], out: str | Path | None = None, steps_per_epoch: int | None = None) -> Path:
     """Compose, build the schedule, write the PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg, name = compose_config(overrides)
     horizon = horizon_of(cfg, steps_per_epoch)
     try:
@@ -72,17 +68,13 @@ def plot(overrides: list[str], out: str | Path | None = None, steps_per_epoch: i
     options = ", ".join(f"{k}={v}" for k, v in cfg.schedule.items() if k not in ("_target_", "_partial_"))
     if options:
         title += "\n" + "\n".join(textwrap.wrap(options, 100))
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    fig, ax = figures.subplots(figsize=(8, 4.5))
     ax.plot(list(steps), lrs, lw=1.5)
     ax.set(xlabel="optimizer step", ylabel=f"lr (optimizer.lr={base_lr:g} x multiplier)",
            xlim=(0, max(1, horizon.total_steps - 1)), ylim=(0, max(lrs + [base_lr]) * 1.05))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    out = Path(out) if out else Path(f"schedule_{name}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return figures.save(fig, Path(out) if out else Path(f"schedule_{name}.png"), dpi=100)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -17,7 +17,8 @@ Training data comes one of two ways (provide exactly one):
 
 Optional: `final_metrics(model)` (metrics computed once at the end, e.g. a test split), `pictures(model, writer,
 step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (files at the end), `sampling =
-"random"` (independent batches with replacement instead of shuffled epochs).
+"random"` (independent batches with replacement instead of shuffled epochs). Figures made with
+`trainer.figures.subplots` and written with `figures.save` / `figures.add_figure` keep their text inside the image.
 """
 
 from __future__ import annotations

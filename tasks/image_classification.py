@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from tasks.base import Task
+from trainer import figures
 from trainer.batches import DataLoading
 from trainer.errors import ConfigError, DataNotFoundError, UserError
 
@@ -377,39 +378,29 @@ class ImageClassification(Task):
 
     @torch.no_grad()
     def _prediction_figure(self, model: nn.Module) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         n = min(self.num_pictures, len(self.val_set))
         samples = [self.val_set[i] for i in range(n)]
         images = torch.stack([s[0] for s in samples])
         pred = logits_of(model(self.normalize(images.to(self.device)))).argmax(1).cpu()
         cols = min(8, n)
         rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.1 * rows), squeeze=False)
+        fig, axes = figures.subplots(rows, cols, figsize=(1.6 * cols, 2.1 * rows), squeeze=False)
         for ax in axes.flat:
-            ax.axis("off")
+            ax.set(xticks=[], yticks=[])  # no tick labels for the layout to measure: half its time
+            ax.set_axis_off()
         for ax, image, (_, label), p in zip(axes.flat, images, samples, pred.tolist()):
             shown = (image.float() / 255 if image.dtype == torch.uint8 else image).clamp(0, 1).permute(1, 2, 0).numpy()
             ax.imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown, cmap="gray")
             ax.set_title(f"{self._label(p)}\n(true {self._label(label)})", fontsize=7,
                          color="green" if p == label else "red")
         fig.suptitle("validation images: predicted (true)", fontsize=9)
-        fig.tight_layout()
         return fig
 
     def _confusion_figure(self) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         counts = self.confusion.double()
         rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
         k = len(rates)
-        fig, ax = plt.subplots(figsize=(min(12, 2 + 0.4 * k), min(11, 1.5 + 0.4 * k)))
+        fig, ax = figures.subplots(figsize=(min(12, 2 + 0.4 * k), min(11, 1.5 + 0.4 * k)))
         shown = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
         fig.colorbar(shown, ax=ax, label="fraction of the true class")
         if k <= 30:
@@ -419,25 +410,20 @@ class ImageClassification(Task):
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title("validation confusion matrix (rows sum to 1)")
-        fig.tight_layout()
         return fig
 
     def pictures(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:
         if self.num_pictures:
-            writer.add_figure("images/predictions", self._prediction_figure(model), step)
+            figures.add_figure(writer, "images/predictions", self._prediction_figure(model), step)
         if self.confusion is not None:
-            writer.add_figure("images/confusion_matrix", self._confusion_figure(), step)
+            figures.add_figure(writer, "images/confusion_matrix", self._confusion_figure(), step)
 
     def save_pictures(self, model: nn.Module, folder: Path) -> None:
         """The final predictions and confusion matrix as PNGs in the run directory."""
-        import matplotlib.pyplot as plt
-
-        folder.mkdir(parents=True, exist_ok=True)
         model.eval()
-        figures = {"predictions": self._prediction_figure(model) if self.num_pictures else None,
-                   "confusion_matrix": self._confusion_figure() if self.confusion is not None else None}
+        drawn = {"predictions": self._prediction_figure(model) if self.num_pictures else None,
+                 "confusion_matrix": self._confusion_figure() if self.confusion is not None else None}
         model.train()
-        for name, fig in figures.items():
+        for name, fig in drawn.items():
             if fig is not None:
-                fig.savefig(folder / f"{name}.png", dpi=120)
-                plt.close(fig)
+                figures.save(fig, folder / f"{name}.png", dpi=120)

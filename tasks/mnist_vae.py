@@ -26,6 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tasks.base import Task
 from tasks.data import holdout_split, load_mnist
 from tasks.norm import norm_layer
+from trainer import figures
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -156,17 +157,12 @@ class MnistVAE(Task):
         g = torch.Generator(device=self.device).manual_seed(0)  # the same prior draws at every eval
         z = torch.randn(n * n, self.latent, device=self.device, generator=g)
         writer.add_images("vae/samples", torch.sigmoid(vae.decode(z)).reshape(-1, 1, 28, 28).cpu(), step)
-        writer.add_figure("vae/latent_space", latent_figure(self.latents(model), labels, name), step)
+        figures.add_figure(writer, "vae/latent_space", latent_figure(self.latents(model), labels, name), step)
 
     def save_pictures(self, model: nn.Module, folder: Path) -> None:
         """The final latent-space scatter as a PNG in the run directory."""
-        import matplotlib.pyplot as plt
-
         name, _, labels = self.eval_split
-        fig = latent_figure(self.latents(model), labels, name)
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(folder / "latent_space.png", dpi=120)
-        plt.close(fig)
+        figures.save(latent_figure(self.latents(model), labels, name), folder / "latent_space.png", dpi=120)
 
 
 def principal_components(z: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -180,16 +176,10 @@ def principal_components(z: torch.Tensor, k: int = 2) -> torch.Tensor:
 
 def latent_figure(z: torch.Tensor, labels: torch.Tensor, split: str = "test"):
     """Scatter of a split's latent codes coloured by digit; rounder clusters mean a lower KL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xy = principal_components(z.float().cpu()).numpy()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = figures.subplots(figsize=(6, 5))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=2, alpha=0.7)
     fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
     pcs = "first two principal components" if z.shape[1] > 2 else "latent dimensions"
     ax.set_title(f"{'validation' if split == 'val' else 'test'}-set latent means ({pcs} of {z.shape[1]})")
-    fig.tight_layout()
     return fig

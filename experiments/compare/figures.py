@@ -12,29 +12,24 @@ import numpy as np
 from experiments.compare.plan import Plan
 from experiments.compare.runs import Result
 from experiments.compare.tuning import Tuning
+from trainer import figures
 
 
 def draw(out: Path, plan: Plan, a: Any, tuning: dict[str, Tuning] | None,
          finals: dict[str, list[Result]]) -> dict[str, str]:
     """Write the figures into `out`; return {name: file name} for those that have data."""
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {o.label: plt.get_cmap("tab10")(i % 10) for i, o in enumerate(plan.options)}
+    colours = {o.label: colormaps["tab10"](i % 10) for i, o in enumerate(plan.options)}
     written: dict[str, str] = {}
 
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=110)
-        plt.close(fig)
-        written[name] = f"{name}.png"
+        written[name] = figures.save(fig, out / f"{name}.png", dpi=110).name
 
     m = plan.metric
     # Learning curves: the mean over seeds and its min-max band, on the common evaluation steps.
     if any(a.curves.get(o.label) for o in plan.options):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        fig, ax = figures.subplots(figsize=(7.5, 4.5))
         for o in plan.options:
             curves = list(a.curves.get(o.label, {}).values())
             if not curves:
@@ -53,7 +48,7 @@ def draw(out: Path, plan: Plan, a: Any, tuning: dict[str, Tuning] | None,
 
     # LR sensitivity: every rung-0 trial's final metric against its learning rate.
     if tuning:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        fig, ax = figures.subplots(figsize=(7.5, 4.5))
         finite = [r.value for t in tuning.values() for (rung, _), r in t.trials.items()
                   if rung == 0 and r.value is not None and math.isfinite(r.value)]
         top = _zoom(ax, finite, plan.mode)
@@ -80,7 +75,7 @@ def draw(out: Path, plan: Plan, a: Any, tuning: dict[str, Tuning] | None,
 
     # Final metric per seed, the runs of one seed joined across options.
     if any(r.per_seed for r in a.rows):
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(plan.options) + 2), 4.5))
+        fig, ax = figures.subplots(figsize=(max(5.0, 1.2 * len(plan.options) + 2), 4.5))
         labels = [o.label for o in plan.options]
         for s in plan.seeds:
             xs = [i for i, r in enumerate(a.rows) if s in r.per_seed]
@@ -98,7 +93,7 @@ def draw(out: Path, plan: Plan, a: Any, tuning: dict[str, Tuning] | None,
 
     # Time to target: the share of final runs that reached the target by each training time.
     if a.target is not None and any(r.hits for r in a.rows):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        fig, ax = figures.subplots(figsize=(7.5, 4.5))
         horizon = max([h.seconds for r in a.rows for h in r.hits.values() if math.isfinite(h.seconds)] + [1.0])
         for r in a.rows:
             times = sorted(h.seconds for h in r.hits.values() if math.isfinite(h.seconds))
