@@ -18,6 +18,10 @@ Training data comes one of two ways (provide exactly one):
 Optional: `final_metrics(model)` (metrics computed once at the end, e.g. a test split), `pictures(model, writer,
 step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (files at the end), `sampling =
 "random"` (independent batches with replacement instead of shuffled epochs).
+
+The trainer checks the protocol where it first relies on it (trainer/protocol.py) and stops with the rule and the fix:
+`batch_size` and the methods before `setup`, the shape of `loss` on the first step, the result of `evaluate` at each
+evaluation (for a task outside this package also once before training) and the metrics the config watches.
 """
 
 from __future__ import annotations
@@ -86,13 +90,15 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Per-sample training losses, shape [batch] (the trainer reduces them: regularize.loss_reduction). Called
-        under autocast; `model` may be wrapped (DDP, torch.compile)."""
+        """Per-sample training losses, shape [batch]: one value per sample of `batch`, not their mean. The trainer
+        reduces them over the whole optimizer batch (regularize.loss_reduction). Called under autocast; `model` may
+        be wrapped (DDP, torch.compile)."""
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Evaluation metrics by name (`monitor.metric` names one of them), called with the model in eval mode,
-        gradients off and a fixed RNG seed. Return Python floats."""
+        """Evaluation metrics: {name: number} (Python floats or 0-d tensors), one per metric; `monitor.metric`,
+        early stopping and plateau schedules name one of them. Called with the model in eval mode, gradients off and
+        a fixed RNG seed."""
 
     def pictures(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:  # noqa: B027 (optional)
         """Write images or figures to TensorBoard at evaluation time (optional)."""
