@@ -121,7 +121,7 @@ def batchnorm_warning(model: nn.Module, batch_size: int, grad_accum: int, world:
     return (f"{' x '.join(split)} with BatchNorm layers ({names}): each micro-batch of {micro} samples is normalised "
             f"with its own statistics, so the accumulated gradient is not the {batch_size}-sample batch's (close "
             f"when micro-batches are large). For the large batch's gradient use {fix}, or a per-sample norm "
-            "(norm=layernorm, nn.GroupNorm).")
+            "(norm=layernorm for the built-in models; nn.LayerNorm or nn.GroupNorm in your own).")
 
 
 def _closest(name: str, choices: Iterable[str]) -> str:
@@ -166,4 +166,4 @@ def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bo
               "line)" if choices else ""
         lines.append(f"{key}={name!r}{via}: the task {task_name(task)} does not report it; {reports}{fix}")
     if lines:
-        raise TaskError("\n".join(lines))
+        raise TaskError("the run watches a metric the task does not report:\n" + "\n".join(f"  {x}" for x in lines))
