@@ -188,7 +188,6 @@ class Trainer:
         self.params_checked_at = 0  # the last step at which every parameter was seen finite
         self._excluded = 0.0  # seconds of this fit() spent outside training (evaluation, checkpoints, pictures)
         self.losses_checked = False  # loss()'s shape, checked on the first step this process runs
-        self.monitored_checked = False  # the watched metrics, against the first evaluation's keys
 
     # -- checkpoint state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -560,11 +559,9 @@ class Trainer:
         return protocol.monitored(self.p.cfg, self.p.early_stop, observers)
 
     def _check_monitored(self, metrics: dict[str, float]) -> None:
-        """The metrics the run watches are among the first evaluation's (monitor.metric may come from
+        """The metrics the run watches are among this evaluation's (a dict lookup; monitor.metric may come from
         final_metrics(): checked at the end)."""
-        if not self.monitored_checked:
-            protocol.check_monitored(self.p.cfg, self.p.task, self._watched(), metrics, None)
-            self.monitored_checked = True
+        protocol.check_monitored(self.p.cfg, self.p.task, self._watched(), metrics, None)
 
     def _evaluate(self, log: RunLogger) -> dict[str, float]:
         p = self.p

@@ -7,8 +7,8 @@ in the message (TaskError: exit code 2, no traceback):
   `tasks` package is also evaluated once before training, so a broken evaluate() or a monitored metric it does not
   report stops the run before a step is wasted; the built-in tasks skip that evaluation (their declared metrics are
   tested against what they return, and the config check compares monitored keys with those declarations);
-- the metrics the config monitors (monitor.metric, early_stop.monitor, schedule.monitor) against the first
-  evaluation's keys, for tasks that do not declare them.
+- the metrics the config watches (monitor.metric, early_stop.monitor, schedule.monitor) against each evaluation's
+  keys (the config check compares them with the task's declared metrics, when it declares them).
 """
 
 from __future__ import annotations
