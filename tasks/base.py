@@ -19,6 +19,10 @@ Optional: `final_metrics(model)` (metrics computed once at the end, e.g. a test 
 step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (files at the end), `sampling =
 "random"` (independent batches with replacement instead of shuffled epochs). Figures made with
 `trainer.figures.subplots` and written with `figures.save` / `figures.add_figure` keep their text inside the image.
+
+The trainer checks the protocol where it first relies on it (trainer/protocol.py) and stops with the rule and the fix:
+`batch_size` and the methods before `setup`, the shape of `loss` on the first step, the result of `evaluate` at each
+evaluation (also once before training unless `check_evaluate_first = False`) and the metrics the config watches.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ class Task(abc.ABC):
     norms: ClassVar[tuple[str, ...]] = KINDS  # the conf/norm kinds its model can use
     eval_metrics: ClassVar[Mapping[str, str]] = {}  # evaluate()'s keys -> min | max (which way is better); {}: unknown
     test_metrics: ClassVar[Mapping[str, str]] = {}  # the keys final_metrics() adds, scored once at the end
+    # Evaluate the initial model once before training, so a broken evaluate() or a watched metric it does not
+    # report stops the run before a step is spent. kiln's own tasks turn it off: their results are tested against
+    # their declared metrics, and the extra evaluation would cost short runs (up to seconds for the CNN).
+    check_evaluate_first: ClassVar[bool] = True
 
     @classmethod
     def declared_metrics(cls, task: Mapping[str, Any]) -> tuple[Mapping[str, str], Mapping[str, str]]:
@@ -87,13 +95,15 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Per-sample training losses, shape [batch] (the trainer reduces them: regularize.loss_reduction). Called
-        under autocast; `model` may be wrapped (DDP, torch.compile)."""
+        """Per-sample training losses, shape [batch]: one value per sample of `batch`, not their mean. The trainer
+        reduces them over the whole optimizer batch (regularize.loss_reduction). Called under autocast; `model` may
+        be wrapped (DDP, torch.compile)."""
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Evaluation metrics by name (`monitor.metric` names one of them), called with the model in eval mode,
-        gradients off and a fixed RNG seed. Return Python floats."""
+        """Evaluation metrics: {name: number} (Python floats or 0-d tensors), one per metric; `monitor.metric`,
+        early stopping and plateau schedules name one of them. Called with the model in eval mode, gradients off and
+        a fixed RNG seed."""
 
     def pictures(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:  # noqa: B027 (optional)
         """Write images or figures to TensorBoard at evaluation time (optional)."""

@@ -60,6 +60,7 @@ def read_text(path: str | Path) -> str:
 
 
 class CharTransformer(Task):
+    check_evaluate_first = False  # tested against eval_metrics instead (tests/test_validate.py)
     sampling = "random"
     norms = ("none", "layernorm", "rmsnorm")  # BatchNorm1d wants [N, C, L]; the GPT's activations are [B, T, C]
     eval_metrics = {"val_loss": "min"}

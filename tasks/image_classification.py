@@ -136,6 +136,7 @@ class Split(Dataset):
 
 
 class ImageClassification(Task):
+    check_evaluate_first = False  # tested against eval_metrics instead (tests/test_validate.py)
     eval_metrics = {"val_loss": "min", "val_acc": "max"}
 
     @classmethod

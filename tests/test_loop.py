@@ -80,9 +80,9 @@ def test_resume_from_a_run_directory_takes_the_newest_checkpoint(mnist_root, tmp
 
 def line_cfg(*overrides):
     cfg = compose_cfg("optimizer=sgd", "optimizer.lr=0.05", "schedule=constant", "early_stop=on",
-                      "early_stop.monitor=distance", "early_stop.patience=2", "trainer.max_steps=100",
-                      "trainer.eval_interval=1", "trainer.log_interval=1", "trainer.progress=off",
-                      "trainer.histogram_interval=0", *overrides)
+                      "monitor.metric=distance", "early_stop.monitor=distance", "early_stop.patience=2",
+                      "trainer.max_steps=100", "trainer.eval_interval=1", "trainer.log_interval=1",
+                      "trainer.progress=off", "trainer.histogram_interval=0", *overrides)
     cfg.task = {"_target_": "tests.toy.LineTask", "target": 10.0, "sweet_spot": 3.0, "batch_size": 4}
     return cfg
 

@@ -151,7 +151,8 @@ def test_the_final_evaluation_runs_once(tmp_path, monkeypatch):
     original = LineTask.evaluate
     monkeypatch.setattr(LineTask, "evaluate", lambda self, model: calls.append(1) or original(self, model))
     run(toy("trainer.max_steps=8", "trainer.eval_interval=4"), tmp_path)
-    assert len(calls) == 2  # steps 4 and 8; the final metrics reuse step 8's
+    # the protocol check before training (a task outside kiln's tasks/), steps 4 and 8; the final metrics reuse step 8's
+    assert len(calls) == 3
 
 
 def test_training_time_and_samples_per_second_exclude_evaluation(tmp_path, monkeypatch):

@@ -26,3 +26,10 @@ class DataError(UserError):
     reads it, before the first step."""
 
     exit_code = 2
+
+
+class TaskError(UserError):
+    """The task breaks the protocol of tasks/base.py (what loss or evaluate returns, a missing batch_size): caught
+    on the first step or before it."""
+
+    exit_code = 2

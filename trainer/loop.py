@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,14 @@ from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import CoupledWeightDecay, coupled_weight_decay
 from schedules import Horizon, build_scheduler
 from tasks.base import Task
-from trainer import distributed, resume
+from trainer import distributed, protocol, resume
 from trainer.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
 from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
 from trainer.device import resolve_device, set_threads
 from trainer.early_stop import EarlyStopping
 from trainer.errors import ConfigError, UserError
 from trainer.log import RunLogger, print_error, print_warning
-from trainer.rng import fork_rng, rng_state, seed_everything, set_rng_state
+from trainer.rng import fork_rng, rank_seed, rng_state, seed_everything, set_rng_state
 from trainer.sampler import SAMPLERS, EpochSampler, RandomSampler
 
 # A skipped step (non-finite, or an fp16 batch given up) still advances the schedule: the data and the LR move on
@@ -101,6 +101,7 @@ def build(cfg: DictConfig) -> Parts:
 
     seed_everything(t.seed)
     task: Task = _build(cfg.task, "task")
+    protocol.check_task(task)
     task.loading = DataLoading.from_config(cfg.get("data"), device, warn=dist.is_main)
     task.setup(device)
     seed_everything(t.seed)  # the model's init does not depend on what data loading drew
@@ -124,9 +125,13 @@ def build(cfg: DictConfig) -> Parts:
     if task.batch_size % (dist.world * t.grad_accum):
         raise ConfigError(f"task.batch_size={task.batch_size} must divide into {dist.world} ranks x "
                           f"trainer.grad_accum={t.grad_accum} equal micro-batches")
+    warning = protocol.batchnorm_warning(model, task.batch_size, t.grad_accum, dist.world)
+    if warning and dist.is_main:
+        print_warning(warning)
     batches = make_batches(task, sampler, dist, t.grad_accum, t.seed, horizon.total_steps)
-    if dist.enabled:  # per-rank streams for dropout and augmentation (the initial weights are rank 0's)
-        seed_everything(t.seed + dist.rank)
+    seed = rank_seed(t.seed, dist.rank)  # per-rank streams for dropout and noise (the initial weights are rank 0's)
+    if seed is not None:
+        seed_everything(seed)
     return Parts(cfg, device, task, model, optimizer, scheduler, transforms, sampler, horizon, autocast, scaler,
                  early_stop, coupled_wd, dist, batches)
 
@@ -182,6 +187,7 @@ class Trainer:
         self.first_bad_step = torch.full((), -1, device=parts.device, dtype=torch.long)
         self.params_checked_at = 0  # the last step at which every parameter was seen finite
         self._excluded = 0.0  # seconds of this fit() spent outside training (evaluation, checkpoints, pictures)
+        self.losses_checked = False  # loss()'s shape, checked on the first step this process runs
 
     # -- checkpoint state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -302,6 +308,9 @@ class Trainer:
         opt, task = p.optimizer, p.task
         self._fit_start, self._excluded = time.perf_counter(), 0.0
         tick, tick_step = self.train_time_now(), self.step
+        if getattr(task, "check_evaluate_first", True):  # a duck-typed task has no such attribute
+            with self._not_training():  # evaluate() checked before a step is spent on it
+                self._check_monitored(self._eval_metrics())
         self.train_model.train()
         while self.step < self.total_steps and not self.stop_reason:
             logging_now = (self.step + 1) % self.log_every == 0
@@ -353,7 +362,9 @@ class Trainer:
                     metrics = self._eval_metrics()
             final.update(metrics)
             if hasattr(task, "final_metrics"):  # e.g. the test set, scored once with the final weights
-                final.update(self._eval_metrics(task.final_metrics))
+                tests = self._eval_metrics("final_metrics")
+                final.update(tests)
+                protocol.check_monitored(p.cfg, task, self._watched(), metrics, tests)
         final.update({"wall_time_s": round(time.perf_counter() - self._fit_start, 2),
                       "train_time_s": round(train_time, 3), "stop_reason": self.stop_reason or "max steps reached"})
         final.update({f"skipped_{k}": v for k, v in self.skipped.items() if v and k != "nonfinite_in_a_row"})
@@ -405,10 +416,20 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not p.dist.enabled else model.no_sync()
             with sync:
                 with p.autocast:
-                    loss = self.reduce(task.loss(model, batch), share)
+                    losses = task.loss(model, batch)
+                    if not self.losses_checked:
+                        self._check_losses(losses)
+                    loss = self.reduce(losses, share)
                 (p.scaler.scale(loss) if p.scaler else loss).backward()
             step_loss = step_loss + loss.detach()
+        self.losses_checked = True
         return step_loss
+
+    def _check_losses(self, losses: Any) -> None:
+        p = self.p
+        batch = f"task.batch_size={p.task.batch_size}" + (f" / {p.dist.world} ranks" if p.dist.world > 1 else "") \
+            + (f" / trainer.grad_accum={self.grad_accum}" if self.grad_accum > 1 else "")
+        protocol.check_losses(p.task, losses, p.task.batch_size // (p.dist.world * self.grad_accum), batch)
 
     def _update(self, step_loss: torch.Tensor, logging_now: bool) -> dict[str, torch.Tensor] | None:
         """Unscale -> coupled weight decay -> gradient transforms -> optimizer step. Returns the gradient norms
@@ -521,22 +542,33 @@ class Trainer:
         self.loss_count = 0
 
     # -- pieces of the loop -------------------------------------------------------------------------------
-    def _eval_metrics(self, evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> dict[str, float]:
-        """Evaluate in eval mode, on a private RNG stream: metrics are repeatable and training's RNG is untouched."""
+    def _eval_metrics(self, method: str = "evaluate") -> dict[str, float]:
+        """The task's `method` (evaluate or final_metrics) in eval mode, on a private RNG stream: metrics are
+        repeatable and training's RNG is untouched."""
         p = self.p
-        evaluate = evaluate or p.task.evaluate
+        evaluate = getattr(p.task, method)
         p.model.eval()
         with fork_rng(p.device), torch.no_grad(), p.autocast:
             torch.manual_seed(p.cfg.trainer.seed + 1)
             metrics = evaluate(p.model)
         p.model.train()
-        return metrics
+        return protocol.as_metrics(p.task, metrics, f"{method}()")
+
+    def _watched(self) -> list[tuple[str, str, bool]]:
+        observers = [fn for fn in self.p.scheduler.lr_lambdas if hasattr(fn, "observe")]
+        return protocol.monitored(self.p.cfg, self.p.early_stop, observers)
+
+    def _check_monitored(self, metrics: dict[str, float]) -> None:
+        """The metrics the run watches are among this evaluation's (a dict lookup; monitor.metric may come from
+        final_metrics(): checked at the end)."""
+        protocol.check_monitored(self.p.cfg, self.p.task, self._watched(), metrics, None)
 
     def _evaluate(self, log: RunLogger) -> dict[str, float]:
         p = self.p
         train_time = self.train_time_now()
         with self._not_training():
             metrics = self._eval_metrics()
+            self._check_monitored(metrics)
             self.last_eval_step, self.last_metrics = self.step, dict(metrics)
             log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()},
                                     "time/train_s": round(train_time, 3)})

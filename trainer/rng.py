@@ -20,6 +20,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def rank_seed(seed: int, rank: int) -> int | None:
+    """The seed of DDP rank `rank`'s training stream (dropout, noise drawn in loss()), or None for rank 0: it keeps
+    the stream a single process has after the model's initialisation, so one rank equals one process. The other
+    ranks' seeds are mixed from (seed, rank): no two (seed, rank) pairs share a stream (seed + rank would give
+    rank 1 of seed 0 the stream of rank 0 of seed 1)."""
+    if rank == 0:
+        return None
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": random.getstate(),

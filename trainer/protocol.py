@@ -1,0 +1,163 @@
+"""The task protocol (tasks/base.py) checked where the trainer first relies on it, once, with the rule and the fix
+in the message (TaskError: exit code 2, no traceback):
+
+- the task's attributes, before its data load: batch_size an int >= 1, the methods, a known `sampling`;
+- loss()'s result on the first step: one value per sample of the micro-batch (a shape, known on the host);
+- evaluate()'s result at every evaluation: {name: number}, 0-d tensors taken as floats. A task is also evaluated once
+  before training (unless it sets `check_evaluate_first = False`, as kiln's own tasks do: their declared metrics are
+  tested against what they return), so a broken evaluate() or a metric it does not report wastes no step;
+- the metrics the config watches (monitor.metric, early_stop.monitor, schedule.monitor) against each evaluation's
+  keys (the config check compares them with the task's declared metrics, when it declares them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from tasks.base import Task
+from trainer.errors import TaskError
+
+METHODS = ("setup", "build_model", "loss", "evaluate")
+SAMPLINGS = ("epoch", "random")
+EVALUATE = "evaluate(model) returns {name: number} (Python floats or 0-d tensors), one per metric"
+
+
+def task_name(task: Any) -> str:
+    return f"{type(task).__module__}.{type(task).__qualname__}"
+
+
+def _contract(method: Any) -> str:
+    """The first sentence of a Task method's docstring: the rule as tasks/base.py states it."""
+    doc = " ".join((inspect.getdoc(method) or "").split())
+    return re.match(r"(.+?\.)(?:\s|$)", doc).group(1)
+
+
+def _broken(task: Any, what: str) -> TaskError:
+    return TaskError(f"the task {task_name(task)} breaks the task protocol: {what}")
+
+
+def check_task(task: Any) -> None:
+    """The attributes and methods the trainer needs, before the task loads its data."""
+    missing = [m for m in METHODS if not callable(getattr(task, m, None))]
+    if missing:
+        raise _broken(task, f"it has no {', '.join(f'{m}()' for m in missing)} (tasks/base.py: subclass "
+                            "tasks.base.Task and implement its abstract methods)")
+    rule = ("(tasks/base.py: batch_size: the global batch size, per optimizer step over all DDP ranks and "
+            "micro-batches, an int >= 1; set it in __init__ from the task.batch_size config key)")
+    if not hasattr(task, "batch_size"):
+        raise _broken(task, f"it has no batch_size {rule}")
+    size = task.batch_size
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise _broken(task, f"it has batch_size={size!r} {rule}")
+    sampling = getattr(task, "sampling", "epoch")
+    if sampling not in SAMPLINGS:
+        raise _broken(task, f"sampling={sampling!r}; use 'epoch' or 'random' (tasks/base.py)")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a scalar" if value.dim() == 0 else f"a tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def check_losses(task: Any, losses: Any, micro: int, batch: str) -> None:
+    """loss() gave one value per sample of a micro-batch of `micro` samples (`batch` says where that number comes
+    from). Shapes are known on the host: no synchronisation."""
+    if isinstance(losses, torch.Tensor) and losses.shape == (micro,):
+        return
+    raise TaskError(
+        f"{task_name(task)}.loss returned {_describe(losses)} for a micro-batch of {micro} samples ({batch}). "
+        f'tasks/base.py: loss returns "{_contract(Task.loss)}" The trainer reduces them itself '
+        f"(regularize.loss_reduction): a loss already averaged over the batch (per_sample.mean()) would train with "
+        f"1/{micro} of the gradient. Return one loss per sample, e.g. (model(x) - y).pow(2).mean(1) or "
+        'F.cross_entropy(logits, y, reduction="none").')
+
+
+def as_metrics(task: Any, result: Any, what: str = "evaluate()") -> dict[str, Any]:
+    """evaluate()'s (or final_metrics()'s) result as {name: Python number}, or a TaskError saying what is wrong."""
+    rule = f"tasks/base.py: {EVALUATE}"
+    if not isinstance(result, Mapping):
+        raise _broken(task, f"{what} returned a {type(result).__name__}, not a dict ({rule})")
+    metrics = {}
+    for name, value in result.items():
+        if not isinstance(name, str):
+            raise _broken(task, f"{what} has the key {name!r} ({type(name).__name__}, not str) ({rule})")
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a 0-d tensor or a numpy scalar
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            shown = _describe(value) if isinstance(value, torch.Tensor) else f"a {type(value).__name__} ({value!r})"
+            raise _broken(task, f"{what}[{name!r}] is {shown} ({rule})")
+        metrics[name] = value
+    return metrics
+
+
+def batchnorm_warning(model: nn.Module, batch_size: int, grad_accum: int, world: int) -> str | None:
+    """Why the gradient is not the large batch's when BatchNorm sees micro-batches (None when it is)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    synced = all(isinstance(m, nn.SyncBatchNorm) for _, m in layers)
+    split = ([f"{world} DDP ranks"] if world > 1 and not synced else []) + \
+        ([f"trainer.grad_accum={grad_accum}"] if grad_accum > 1 else [])
+    if not layers or not split:
+        return None
+    names = ", ".join(f"{n}: {type(m).__name__}" for n, m in layers[:3]) + \
+        (f", {len(layers) - 3} more" if len(layers) > 3 else "")
+    micro = batch_size // (grad_accum * (1 if synced else world))
+    fix = "trainer.grad_accum=1" if grad_accum > 1 else "torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)"
+    return (f"{' x '.join(split)} with BatchNorm layers ({names}): each micro-batch of {micro} samples is normalised "
+            f"with its own statistics, so the accumulated gradient is not the {batch_size}-sample batch's (close "
+            f"when micro-batches are large). For the large batch's gradient use {fix}, or a per-sample norm "
+            "(norm=layernorm for the built-in models; nn.LayerNorm or nn.GroupNorm in your own).")
+
+
+def _closest(name: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return close[0] if close else choices[0]
+
+
+def monitored(cfg: DictConfig, early_stop: Any, observers: list[Any]) -> list[tuple[str, str, bool]]:
+    """(config key, metric name, needed at every evaluation) for each metric the run watches."""
+    watched = []
+    monitor = cfg.get("monitor")
+    if isinstance(monitor, DictConfig) and isinstance(monitor.get("metric"), str):
+        watched.append(("monitor.metric", monitor.metric, False))
+    if early_stop is not None:
+        watched.append(("early_stop.monitor", early_stop.monitor, True))
+    for fn in observers:
+        name = getattr(fn, "monitor", None)
+        if isinstance(name, str):
+            watched.append(("schedule.monitor", name.removeprefix("eval/"), True))
+    return list(dict.fromkeys(watched))
+
+
+def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bool]], evals: Mapping[str, Any],
+                    finals: Mapping[str, Any] | None) -> None:
+    """Every watched metric is among the evaluation's keys (or, for monitor.metric, final_metrics()'s: None while
+    those are not known yet, which defers monitor.metric to the end when the task has final_metrics)."""
+    from trainer.validate import _interpolated_from
+
+    lines = []
+    for key, name, every_eval in watched:
+        if name in evals or (not every_eval and (name in (finals or {}) or
+                                                 (finals is None and hasattr(task, "final_metrics")))):
+            continue
+        sources = _interpolated_from(cfg, key)
+        via = "".join(f" (from ${{{s}}})" for s in sources)
+        reports = f"its evaluate() reports {', '.join(evals) or 'nothing'}"
+        if finals:
+            reports += f" and final_metrics() {', '.join(finals)}"
+        choices = list(evals) + ([] if every_eval else list(finals or {}))
+        fix = f"; set {sources[0] if sources else key}={_closest(name, choices)} (the task's YAML or the command " \
+              "line)" if choices else ""
+        lines.append(f"{key}={name!r}{via}: the task {task_name(task)} does not report it; {reports}{fix}")
+    if lines:
+        raise TaskError("the run watches a metric the task does not report:\n" + "\n".join(f"  {x}" for x in lines))
