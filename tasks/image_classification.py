@@ -27,6 +27,8 @@ that fail, with their count and names.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,12 +43,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tasks.base import Task
 from trainer.batches import DataLoading
-from trainer.errors import ConfigError, DataError, DataNotFoundError, UserError
+from trainer.errors import BadSampleError, ConfigError, DataError, DataNotFoundError, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class BadImageError(UserError):
+class BadImageError(BadSampleError):
     """An image in the data set could not be decoded (task.bad_images=error)."""
 
 
@@ -163,7 +165,10 @@ class Split(Dataset):
             raise BadImageError(
                 f"{self.key}: {describe(self.base, j)} could not be decoded ({type(e).__name__}: {e}). Fix or remove "
                 "the file, or set task.bad_images=skip to leave out every image that fails to decode (each image "
-                "is then decoded once at setup to find them).") from None
+                "is then decoded once at setup to find them). Each changes the data: a run resumed on them "
+                "continues on other data than it began with (removing or skipping a file changes the epoch length "
+                "and, with task.val_fraction, the validation split), so the resume is refused unless "
+                "trainer.resume_allow_data_changes=true; a fresh run is exact.") from None
         return self.transform(image), label if self.label_map is None else self.label_map[label]
 
 
@@ -344,6 +349,30 @@ class ImageClassification(Task):
 
     def train_dataset(self) -> Dataset:
         return self.train_set
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """Each split's image count and, for folder data sets, hashes of its file list in split order: the names
+        (relative to the data set's root, so moving the data is no change) and their sizes, never the contents. A
+        file added, removed or replaced, or another split (task.val_fraction, task.split_seed), shows."""
+        out: dict[str, Any] = {}
+        for name, split in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
+            if split is None:
+                continue
+            out[f"{name}.images"] = len(split)
+            samples = getattr(split.base, "samples", None)  # ImageFolder / DatasetFolder: (path, class) pairs
+            if samples is None:
+                continue
+            root = os.path.join(str(split.base.root), "")
+            names, sizes = hashlib.sha256(), hashlib.sha256()
+            for j in split.indices:
+                path = samples[j][0]
+                names.update(path.removeprefix(root).encode() + b"\0")
+                try:
+                    sizes.update(b"%d\0" % os.path.getsize(path))
+                except OSError:  # gone since setup: counted as a change
+                    sizes.update(b"-\0")
+            out[f"{name}.files"], out[f"{name}.file_sizes"] = names.hexdigest()[:16], sizes.hexdigest()[:16]
+        return out
 
     # -- model ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:

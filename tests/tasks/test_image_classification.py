@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,41 @@ def test_images_of_different_sizes_met_in_a_batch_name_the_keys(tmp_path, worker
     with pytest.raises(ConfigError, match=r"task.train_transform gives images of different sizes in one batch: "
                                           r"\(3, 28, 28\), \(3, 30, 30\); .*RandomResizedCrop"):
         run(cfg, tmp_path / "run")
+
+
+# -- a broken image met mid-run; a resume on other data ------------------------------------------------------------
+def test_a_bad_image_mid_run_says_how_to_resume_and_a_resume_on_other_data_is_refused(digit_folder, tmp_path):
+    """The image of step 3's batch is broken: the run stops there with the resume command (checkpoints at steps 1
+    and 2); removed as the message allows, the resume is refused (270 -> 269 training images, another validation
+    split) unless accepted on purpose, which is recorded."""
+    folder = tmp_path / "digits"
+    shutil.copytree(digit_folder / "train", folder / "train")
+    cfg = lambda *o: digits_cfg(folder, "trainer.checkpoint_interval=1", "trainer.eval_interval=0",  # noqa: E731
+                                "trainer.max_steps=4", *o)
+    parts = build(cfg())
+    parts.batches.close()
+    task = parts.task
+    position = parts.sampler.indices(2).tolist()[0]  # step 3's first sample
+    broken = Path(task.train_set.base.samples[task.train_set.indices[position]][0])
+    broken.write_bytes(broken.read_bytes()[:40])
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        run(cfg(), run_dir)
+    message = str(e.value)
+    assert f"image {broken} could not be decoded" in message
+    assert "trainer.resume_allow_data_changes=true" in message  # what removing the file does to a resumed run
+    assert (f"Stopped at step 2; the last checkpoint is {run_dir / 'checkpoints' / 'step-00000002.pt'}. Once the data "
+            "are fixed, resume with:\n  python ") in message
+    assert message.endswith(f" trainer.resume={run_dir}")
+
+    broken.unlink()
+    with pytest.raises(ConfigError) as e:
+        run(cfg(f"trainer.resume={run_dir}"), run_dir)
+    message = str(e.value)
+    assert f"trainer.resume={run_dir}: the checkpoint was written on other data" in message
+    assert "  train.images: 270 -> 269\n" in message and "  val.files: " in message
+    assert "trainer.resume_allow_data_changes=true" in message
+    final = run(cfg(f"trainer.resume={run_dir}", "trainer.resume_allow_data_changes=true"), run_dir)
+    assert final["step"] == 4
+    changes = json.loads((run_dir / "manifest.json").read_text())["resumes"][-1]["changes"]
+    assert changes["data:train.images"] == [270, 269]
