@@ -6,6 +6,8 @@ Everything comes from config (conf/task/image_classification.yaml):
   CIFAR10, MNIST, ...). `val_split` / `test_split` are keyword overrides of that node for other splits (`{train:
   false}` for CIFAR10, `{root: /data/pets/val}` for folders, `{split: test}` for Food101); without `val_split` a
   validation split of `val_fraction` is carved out of the training split (a seeded permutation: `split_seed`).
+  Other splits are labelled by the training split's class names (a folder lacking a class is noted; one with a class
+  the training split lacks is refused).
 - `train_transform` / `eval_transform`: lists of torchvision.transforms.v2 transforms, applied to each image inside
   the loader's workers after ToImage (PIL -> uint8 tensor). Their randomness is seeded per sample by the trainer
   (trainer/batches.py), so augmentation is the same for any number of workers and survives resume exactly. Batches
