@@ -15,7 +15,8 @@ Training data comes one of two ways (provide exactly one):
 - `train_batch(indices)` builds the batch for a tensor of sample indices from data the task already holds on the
   device (the fast path of the small built-in tasks; `train_size` must then be given).
 
-Optional: `final_metrics(model)` (metrics computed once at the end, e.g. a test split), `pictures(model, writer,
+Optional: `data_fingerprint()` (what identifies the data, for resume; the training set's size by default),
+`final_metrics(model)` (metrics computed once at the end, e.g. a test split), `pictures(model, writer,
 step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (files at the end), `sampling =
 "random"` (independent batches with replacement instead of shuffled epochs). Figures made with
 `trainer.figures.subplots` and written with `figures.save` / `figures.add_figure` keep their text inside the image.
@@ -84,6 +85,13 @@ class Task(abc.ABC):
     def train_batch(self, indices: torch.Tensor) -> Any:
         """The training batch for these sample indices (a device tensor), on the device: the on-device path."""
         raise NotImplementedError(f"{type(self).__name__} provides neither train_dataset() nor train_batch(indices)")
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What identifies the data this task trains and evaluates on, cheaply (counts, file names and sizes, never
+        contents), as {name: int or str}. Every checkpoint records it, and a resume whose data differ is refused
+        (trainer.resume_allow_data_changes=true accepts it). Called once per run, after setup. Default: the training
+        set's size; override it where data can change without the config changing (files in a folder)."""
+        return {"train_size": self.train_size}
 
     @property
     def train_size(self) -> int:

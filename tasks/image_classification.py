@@ -6,6 +6,8 @@ Everything comes from config (conf/task/image_classification.yaml):
   CIFAR10, MNIST, ...). `val_split` / `test_split` are keyword overrides of that node for other splits (`{train:
   false}` for CIFAR10, `{root: /data/pets/val}` for folders, `{split: test}` for Food101); without `val_split` a
   validation split of `val_fraction` is carved out of the training split (a seeded permutation: `split_seed`).
+  Other splits are labelled by the training split's class names (a folder lacking a class is noted; one with a class
+  the training split lacks is refused).
 - `train_transform` / `eval_transform`: lists of torchvision.transforms.v2 transforms, applied to each image inside
   the loader's workers after ToImage (PIL -> uint8 tensor). Their randomness is seeded per sample by the trainer
   (trainer/batches.py), so augmentation is the same for any number of workers and survives resume exactly. Batches
@@ -27,6 +29,8 @@ that fail, with their count and names.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,18 +40,18 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
 from tasks.base import Task
 from trainer import figures
 from trainer.batches import DataLoading
-from trainer.errors import ConfigError, DataNotFoundError, UserError
+from trainer.errors import BadSampleError, ConfigError, DataError, DataNotFoundError, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class BadImageError(UserError):
+class BadImageError(BadSampleError):
     """An image in the data set could not be decoded (task.bad_images=error)."""
 
 
@@ -114,11 +118,44 @@ def describe(base: Any, index: int) -> str:
     return f"image {samples[index][0]}" if samples is not None else f"sample {index}"
 
 
-class Split(Dataset):
-    """Samples `indices` of a base data set, each image transformed; one that fails to decode names its file."""
+def names(items: Sequence[Any], at_most: int = 10) -> str:
+    shown = ", ".join(map(str, items[:at_most]))
+    return shown + (f", ... ({len(items)} in all)" if len(items) > at_most else "")
 
-    def __init__(self, base: Any, indices: Sequence[int], transform: Any, key: str) -> None:
+
+def one_size_hint(key: str) -> str:
+    crop = ("{_target_: torchvision.transforms.v2.RandomResizedCrop, size: N}" if key == "task.train_transform" else
+            "{_target_: torchvision.transforms.v2.Resize, size: N}, {_target_: torchvision.transforms.v2.CenterCrop, "
+            "size: N}")
+    return (f"a batch stacks images of one size: make {key} end with a fixed-size crop, e.g. {crop} (as the "
+            "default transforms do, with N = task.image_size)")
+
+
+class Stack:
+    """default_collate, naming the transform to fix where it leaves images of different sizes in a batch."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> Any:
+        try:
+            return default_collate(samples)
+        except RuntimeError:
+            shapes = sorted({tuple(s[0].shape) for s in samples})
+            if len(shapes) < 2:
+                raise
+            raise ConfigError(f"{self.key} gives images of different sizes in one batch: {names(shapes)}; "
+                              + one_size_hint(self.key)) from None
+
+
+class Split(Dataset):
+    """Samples `indices` of a base data set, each image transformed; one that fails to decode names its file.
+    `label_map`: the training split's class index of each of the base's labels (None: the same numbering)."""
+
+    def __init__(self, base: Any, indices: Sequence[int], transform: Any, key: str,
+                 label_map: Sequence[int] | None = None) -> None:
         self.base, self.indices, self.transform, self.key = base, list(indices), transform, key
+        self.label_map = label_map
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -131,8 +168,11 @@ class Split(Dataset):
             raise BadImageError(
                 f"{self.key}: {describe(self.base, j)} could not be decoded ({type(e).__name__}: {e}). Fix or remove "
                 "the file, or set task.bad_images=skip to leave out every image that fails to decode (each image "
-                "is then decoded once at setup to find them).") from None
-        return self.transform(image), label
+                "is then decoded once at setup to find them). Each changes the data: a run resumed on them "
+                "continues on other data than it began with (removing or skipping a file changes the epoch length "
+                "and, with task.val_fraction, the validation split), so the resume is refused unless "
+                "trainer.resume_allow_data_changes=true; a fresh run is exact.") from None
+        return self.transform(image), label if self.label_map is None else self.label_map[label]
 
 
 class ImageClassification(Task):
@@ -252,17 +292,91 @@ class ImageClassification(Task):
                               f"({len(train_idx)} images)")
         self.train_set = Split(base, train_idx, self.train_transform, "task.dataset")
         self.val_set = Split(val_base, val_idx, self.eval_transform,
-                             "task.val_split" if self.val_split is not None else "task.dataset")
-        self.test_set = (Split(test_base, test_idx, self.eval_transform, "task.test_split")
+                             "task.val_split" if self.val_split is not None else "task.dataset",
+                             self._labels_by_name("task.val_split", self.val_split, val_base, base))
+        self.test_set = (Split(test_base, test_idx, self.eval_transform, "task.test_split",
+                               self._labels_by_name("task.test_split", self.test_split, test_base, base))
                          if test_base is not None else None)
+        self._check_one_size(self.train_set, "task.train_transform")
+        for split in (self.val_set, self.test_set):
+            if split is not None:
+                self._check_one_size(split, "task.eval_transform")
+        self.collate = Stack("task.train_transform")  # the trainer's DataLoader collates training batches with it
         self.loading = self.loading or DataLoading(device)
-        self.val_batches = self.loading.ordered(self.val_set, self.eval_batch_size)
+        self.val_batches = self.loading.ordered(self.val_set, self.eval_batch_size, Stack("task.eval_transform"))
         self._mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
-        self.test_batches = self.loading.ordered(self.test_set, self.eval_batch_size) if self.test_set else None
+        self.test_batches = (self.loading.ordered(self.test_set, self.eval_batch_size, Stack("task.eval_transform"))
+                             if self.test_set else None)
+
+    def _root(self, overrides: Mapping[str, Any] | None) -> Any:
+        return (overrides or {}).get("root", self.dataset_cfg.get("root"))
+
+    def _labels_by_name(self, key: str, overrides: Mapping[str, Any] | None, base: Any,
+                        train: Any) -> list[int] | None:
+        """The training split's class index of each of a split's labels, matched by class name: torchvision numbers
+        each folder's classes on its own (sorted), so a validation folder without one class would shift every label
+        after it. None where the classes agree; refused where the split has classes the training split lacks."""
+        ours, theirs = getattr(train, "classes", None), getattr(base, "classes", None)
+        if base is train or ours is None or theirs is None or list(ours) == list(theirs):
+            return None
+        index = {c: i for i, c in enumerate(ours)}
+        extra = [c for c in theirs if c not in index]
+        missing = [c for c in ours if c not in set(theirs)]
+        where = f"{key} (root={self._root(overrides)})"
+        lacks = f"class{'es' * (len(missing) > 1)} {names(missing)}"
+        if extra:
+            raise DataError(
+                f"{where} has classes the training split (task.dataset.root={self._root(None)}) lacks: "
+                f"{names(extra)}" + (f" (it also lacks {lacks})" if missing else "") + ". A model of the training "
+                "split's classes cannot score them: give the split only class folders the training split has (the "
+                "same names), or add those classes to the training split.")
+        from trainer.log import print_warning
+
+        print_warning(f"{where} has no images of {lacks}; its labels follow the training split's classes by name.")
+        return [index[c] for c in theirs]
+
+    @staticmethod
+    def _check_one_size(split: Split, key: str) -> None:
+        """A batch stacks images of one size: a split's first, middle and last images must come out of its
+        transform in one shape (photos of many sizes need a resizing crop). Batches check every image (Stack)."""
+        n = len(split)
+        if n == 0:
+            return
+        shapes: dict[tuple[int, ...], str] = {}
+        with torch.random.fork_rng(devices=[]):
+            for i in sorted({0, n // 2, n - 1}):
+                shapes.setdefault(tuple(split[i][0].shape), describe(split.base, split.indices[i]))
+        if len(shapes) > 1:
+            raise ConfigError(f"{key} gives images of different sizes: "
+                              + ", ".join(f"{s} for {w}" for s, w in shapes.items()) + "; " + one_size_hint(key))
 
     def train_dataset(self) -> Dataset:
         return self.train_set
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """Each split's image count and, for folder data sets, hashes of its file list in split order: the names
+        (relative to the data set's root, so moving the data is no change) and their sizes, never the contents. A
+        file added, removed or replaced, or another split (task.val_fraction, task.split_seed), shows."""
+        out: dict[str, Any] = {}
+        for name, split in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
+            if split is None:
+                continue
+            out[f"{name}.images"] = len(split)
+            samples = getattr(split.base, "samples", None)  # ImageFolder / DatasetFolder: (path, class) pairs
+            if samples is None:
+                continue
+            root = os.path.join(str(split.base.root), "")
+            names, sizes = hashlib.sha256(), hashlib.sha256()
+            for j in split.indices:
+                path = samples[j][0]
+                names.update(path.removeprefix(root).encode() + b"\0")
+                try:
+                    sizes.update(b"%d\0" % os.path.getsize(path))
+                except OSError:  # gone since setup: counted as a change
+                    sizes.update(b"-\0")
+            out[f"{name}.files"], out[f"{name}.file_sizes"] = names.hexdigest()[:16], sizes.hexdigest()[:16]
+        return out
 
     # -- model ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:

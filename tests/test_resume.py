@@ -176,3 +176,38 @@ def test_training_time_and_samples_per_second_exclude_evaluation(tmp_path, monke
     assert evals[-1]["time/train_s"] <= final["train_time_s"]
     # 4 steps x 4 samples per interval: with evaluation left out, far above the 16 / 0.25 s it would read
     assert min(logged(tmp_path, "train/samples_per_s").values()) > 16 / 0.25
+
+
+# -- a resume on other data; a truncated checkpoint recovered ------------------------------------------------------
+def test_a_resume_on_other_data_is_refused_naming_what_changed_or_accepted_on_purpose(tmp_path, monkeypatch):
+    """The task's data fingerprint (the default: the training set's size) is in every checkpoint; a resume whose
+    data differ is refused like a config change, unless trainer.resume_allow_data_changes=true."""
+    from tests.toy import LineTask
+
+    run(toy("trainer.max_steps=4"), tmp_path / "a")
+    monkeypatch.setattr(LineTask, "train_size", property(lambda self: 80))  # the data grew; the config did not
+    with pytest.raises(ConfigError) as e:
+        run(toy("trainer.max_steps=8", f"trainer.resume={tmp_path / 'a'}"), tmp_path / "b")
+    message = str(e.value)
+    assert message.startswith(f"trainer.resume={tmp_path / 'a'}: the checkpoint was written on other data")
+    assert "\n  train_size: 64 -> 80\n" in message and "trainer.resume_allow_data_changes=true" in message
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+    final = run(toy("trainer.max_steps=8", f"trainer.resume={tmp_path / 'a'}",
+                    "trainer.resume_allow_data_changes=true"), tmp_path / "c")
+    assert final["step"] == 8
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["resumes"][-1]["changes"] == {"data:train_size": [64, 80], "trainer.max_steps": [4, 8]}
+
+
+def test_a_truncated_newest_checkpoint_is_a_warning_and_the_run_goes_on(tmp_path, capsys):
+    common = ("trainer.checkpoint_interval=2", "trainer.keep_checkpoints=0")
+    run(toy(*common, "trainer.max_steps=8"), tmp_path)
+    newest = tmp_path / "checkpoints" / "step-00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    capsys.readouterr()
+    final = run(toy(*common, "trainer.max_steps=10", f"trainer.resume={tmp_path}"), tmp_path)
+    assert final["step"] == 10 and sorted(logged(tmp_path)) == list(range(1, 11))
+    err = capsys.readouterr().err
+    assert not any(line.startswith("error") for line in err.splitlines())
+    assert err.startswith(f"warning: checkpoint {newest} could not be read (")
+    assert "Resuming from the previous one, step-00000006.pt (step 6)" in err

@@ -98,14 +98,20 @@ class SeededSamples(Dataset):
 
 
 class _Collate:
-    """The task's collate function (default_collate), letting a Failed sample through to the main process."""
+    """The task's collate function (default_collate), letting a Failed sample (or a UserError of the collate
+    itself) through to the main process."""
 
     def __init__(self, collate: Callable[[list[Any]], Any] | None) -> None:
         self.collate = collate or default_collate
 
     def __call__(self, samples: list[Any]) -> Any:
         failed = next((s for s in samples if isinstance(s, Failed)), None)
-        return failed if failed is not None else self.collate(samples)
+        if failed is not None:
+            return failed
+        try:
+            return self.collate(samples)
+        except UserError as e:  # a task's collate naming what to fix: carried back like a sample's error
+            return Failed(e)
 
 
 def _quiet_worker(worker_id: int) -> None:

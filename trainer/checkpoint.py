@@ -151,12 +151,15 @@ def resume_candidates(path: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", advice: bool = True) -> dict[str, Any]:
+    """A kiln checkpoint; UserError for a file that cannot be read (with what to do, unless `advice` is False: the
+    caller falls back to an earlier one itself)."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or corrupt file
-        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}). It may be truncated; "
-                        "resume from an earlier step-*.pt in the same folder.") from None
+        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})."
+                        + (" It may be truncated; resume from an earlier step-*.pt in the same folder." if advice
+                           else "")) from None
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"checkpoint {path} is not a kiln checkpoint (no training step in it).")
     return state

@@ -21,6 +21,11 @@ class DataNotFoundError(UserError):
     exit_code = 1
 
 
+class BadSampleError(UserError):
+    """A training or evaluation sample that cannot be loaded (a broken file), met while the run goes on: it stops
+    with the command that resumes it from its last checkpoint once the data are fixed."""
+
+
 class DataError(UserError):
     """A data file is there but cannot be used (truncated, corrupt, not UTF-8, too short): caught when the task
     reads it, before the first step."""

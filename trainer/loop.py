@@ -39,8 +39,8 @@ from trainer.batches import DataLoading, DeviceBatches, LoaderBatches, make_batc
 from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
 from trainer.device import resolve_device, set_threads
 from trainer.early_stop import EarlyStopping
-from trainer.errors import ConfigError, UserError
-from trainer.log import RunLogger, print_error, print_warning
+from trainer.errors import BadSampleError, ConfigError, UserError
+from trainer.log import RunLogger, print_warning
 from trainer.rng import fork_rng, rank_seed, rng_state, seed_everything, set_rng_state
 from trainer.sampler import SAMPLERS, EpochSampler, RandomSampler
 
@@ -136,6 +136,12 @@ def build(cfg: DictConfig) -> Parts:
                  early_stop, coupled_wd, dist, batches)
 
 
+def resume_command(run_dir: Path) -> str:
+    """This process's command line, continuing the run in `run_dir`."""
+    args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
+    return shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={run_dir}"])
+
+
 class Interrupted(UserError):
     """SIGTERM / SIGINT: the step in progress finished and a checkpoint was written."""
 
@@ -174,6 +180,7 @@ class Trainer:
         self.train_model = model
         self.signal: int | None = None
         self.run_id = ""  # set by trainer.run: written into every checkpoint (a run directory holds one run)
+        self.data = parts.task.data_fingerprint()  # what a resume must find again (once per run: it may stat files)
         # Resumable loop state (everything else lives in the parts' own state_dicts).
         self.step = 0
         self.loss_sum = torch.zeros((), device=parts.device)  # train loss summed since the last log
@@ -209,6 +216,7 @@ class Trainer:
                      "last_metrics": dict(self.last_metrics), "stop_reason": self.stop_reason,
                      "train_time": self.train_time_now(), "skipped": dict(self.skipped)},
             "config": OmegaConf.to_container(p.cfg, resolve=True),
+            "data": self.data,
         }
 
     def load_state_dict(self, state: dict[str, Any], changes: dict[str, tuple] | None = None) -> None:
@@ -256,13 +264,16 @@ class Trainer:
         """Load the newest readable checkpoint at `path` (a file, a run directory or its checkpoints folder),
         after checking its config against this run's. Returns what was resumed: checkpoint, sha256, step, changes."""
         t = self.p.cfg.trainer
+        unreadable: list[str] = []
         for ckpt in resume_candidates(path):
             try:
-                state = load_checkpoint(ckpt, map_location=self.p.device)
+                state = load_checkpoint(ckpt, map_location=self.p.device, advice=False)
             except UserError as e:  # truncated or corrupt: fall back to the one before
-                if self.p.dist.is_main:
-                    print_error(f"{e} Falling back to the previous checkpoint.")
+                unreadable.append(str(e))
                 continue
+            if unreadable and self.p.dist.is_main:  # recovered: the run goes on from an older step
+                print_warning(f"{' '.join(unreadable)} Resuming from the previous one, {ckpt.name} (step "
+                              f"{state['step']}): the steps after it are trained again.")
             if "optimizer" not in state:
                 raise UserError(f"trainer.resume={path}: {ckpt} holds only model weights (best.pt keeps the best "
                                 "evaluation's weights), not a training state. Resume from a step-*.pt checkpoint "
@@ -270,10 +281,12 @@ class Trainer:
             new = OmegaConf.to_container(self.p.cfg, resolve=True)
             changes = resume.check_changes(state.get("config", {}), new, str(path),
                                            allow=bool(t.get("resume_allow_changes", False)))
+            changes.update(resume.check_data(state.get("data"), self.data, str(path),
+                                             allow=bool(t.get("resume_allow_data_changes", False))))
             self.load_state_dict(state, changes)
             return {"checkpoint": ckpt, "sha256": file_digest(ckpt), "step": self.step, "run_id": state.get("run_id"),
                     "changes": {k: list(v) for k, v in changes.items() if not k.startswith("trainer.resume")}}
-        raise UserError(f"trainer.resume={path}: no readable checkpoint there.")
+        raise UserError(f"trainer.resume={path}: no readable checkpoint there. " + " ".join(unreadable))
 
     def save(self) -> Path | None:
         """A checkpoint of the current step; never of non-finite weights (collective under DDP)."""
@@ -304,6 +317,16 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def fit(self, log: RunLogger) -> dict[str, Any]:
+        try:
+            return self._fit(log)
+        except BadSampleError as e:  # a broken file met mid-run: fixed, the run resumes from its last checkpoint
+            last = self.checkpoints.step_files()
+            how = (f"the last checkpoint is {last[-1]}. Once the data are fixed, resume with:\n  "
+                   f"{resume_command(self.run_dir)}" if last else
+                   "no checkpoint was written before it: once the data are fixed, run the same command again.")
+            raise type(e)(f"{e}\nStopped at step {self.step}; {how}") from None
+
+    def _fit(self, log: RunLogger) -> dict[str, Any]:
         p = self.p
         opt, task = p.optimizer, p.task
         self._fit_start, self._excluded = time.perf_counter(), 0.0
@@ -515,10 +538,8 @@ class Trainer:
         name = signal.Signals(self.signal).name
         path = self.save()
         self.p.dist.barrier()
-        args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
-        command = shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={self.run_dir}"])
         error = Interrupted(f"stopped by {name} at step {self.step}; checkpoint {path or self.run_dir}. "
-                            f"Resume with:\n  {command}")
+                            f"Resume with:\n  {resume_command(self.run_dir)}")
         error.exit_code = 128 + self.signal
         raise error
 

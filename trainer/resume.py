@@ -7,6 +7,8 @@ Every checkpoint holds the resolved config of the run that wrote it. A resume co
   unless `trainer.resume_allow_changes=true` accepts them on purpose (a different optimizer type then starts from
   fresh optimizer state);
 - a checkpoint of another task (`task._target_`) is refused always: its weights belong to another model;
+- data that differ from the checkpoint's (the task's `data_fingerprint()`: sizes, for image folders the file list
+  and the split) are refused the same way, unless `trainer.resume_allow_data_changes=true`;
 - a change that is legitimate on resume (run length, intervals, the learning rate and other optimizer
   hyperparameters, the schedule, early stopping's patience, where the data lives, the device) is applied: the
   fresh optimizer's hyperparameters replace the ones stored in its state_dict, the schedule gets the new base LR
@@ -26,7 +28,8 @@ from trainer.errors import ConfigError, UserError
 # Keys that may change on resume (fnmatch patterns on the dotted key). Everything else breaks exactness.
 LEGITIMATE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.*_interval", "trainer.keep_checkpoints", "trainer.pictures",
-    "trainer.resume", "trainer.resume_allow_changes", "trainer.existing_run", "trainer.threads", "trainer.progress",
+    "trainer.resume", "trainer.resume_allow_changes", "trainer.resume_allow_data_changes", "trainer.existing_run",
+    "trainer.threads", "trainer.progress",
     "trainer.dry_run", "trainer.nonfinite", "trainer.max_nonfinite", "trainer.fp16_*", "trainer.device",
     "trainer.compile", "trainer.tf32", "trainer.deterministic", "trainer.grad_accum",
     "data.*", "optimizer.*", "schedule.*", "early_stop.*", "regularize.weight_decay", "expect.*", "monitor.*",
@@ -90,6 +93,23 @@ def check_changes(old: Mapping, new: Mapping, source: str, allow: bool) -> dict[
             "Resume with the checkpoint's values (its config.yaml), start a fresh run, or add "
             "trainer.resume_allow_changes=true to continue with the changes on purpose.")
     return changes
+
+
+def check_data(old: Mapping | None, new: Mapping, source: str, allow: bool) -> dict[str, tuple[Any, Any]]:
+    """The differences between the data fingerprint a checkpoint recorded (Task.data_fingerprint) and this run's, as
+    {"data:<name>": (old, new)}; raises unless `allow`. A checkpoint without one (written before fingerprints) has
+    nothing to compare."""
+    if old is None:
+        return {}
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    if changed and not allow:
+        lines = "\n".join(f"  {k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"trainer.resume={source}: the checkpoint was written on other data than this run has, so the "
+            "continuation would not be exact (another epoch length, sample order or validation split; one curve "
+            f"would mix two data sets):\n{lines}\nResume with the data the run started with, start a fresh run, or "
+            "add trainer.resume_allow_data_changes=true to continue on these data on purpose.")
+    return {f"data:{k}": v for k, v in changed.items()}
 
 
 def optimizer_type_changed(changes: Mapping[str, tuple[Any, Any]]) -> bool:

@@ -187,6 +187,7 @@ RULES: list[tuple[str, Spec]] = [
     ("trainer.fp16_min_scale", num(0, lo_open=True)),
     ("trainer.existing_run", one_of("refuse", "move_aside")),
     ("trainer.resume_allow_changes", boolean()),
+    ("trainer.resume_allow_data_changes", boolean()),
     ("trainer.strategy", one_of("single", "ddp")),
     # regularize (closed; `augment` is a `_target_` node or null, checked by its signature)
     ("regularize.dropout", UNIT),

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from tests.conftest import ROOT, run_cli
 from tests.test_batches import digits_cfg
 from tests.test_loop import params
-from trainer.errors import ConfigError, DataNotFoundError, UserError
+from trainer.errors import ConfigError, DataError, DataNotFoundError, UserError
 from trainer.loop import build
 from trainer.run import run
 
@@ -191,3 +192,120 @@ def test_bad_values_are_reported_together_before_any_data_loads():
                      "task.bad_images='ignore': must be one of error, skip",
                      "data.workers=-1: must be an int >= 0",
                      "data.pin_memory='maybe': must be auto, true or false"]
+
+
+# -- every split numbers its classes as the training split does -----------------------------------------------------
+def folder_copy(digit_folder, dest, split="test", drop=(), add=()):
+    """A copy of one split of the digits, without the class folders `drop` and with class folders `add` (two images
+    of digit 1 each)."""
+    shutil.copytree(digit_folder / split, dest)
+    for name in drop:
+        shutil.rmtree(dest / name)
+    for name in add:
+        shutil.copytree(digit_folder / split / "1", dest / name)
+    return dest
+
+
+def test_a_split_missing_a_class_is_labelled_by_class_name(digit_folder, tmp_path, capsys):
+    """A validation folder without the class 0 folder: torchvision numbers its folders 1..9 as 0..8; every label must
+    still be the training split's index of its folder's name."""
+    val = folder_copy(digit_folder, tmp_path / "val", drop=["0"])
+    test = folder_copy(digit_folder, tmp_path / "test", drop=["0", "9"])
+    parts = build(digits_cfg(digit_folder, f"task.val_split={{root:{val}}}", f"task.test_split={{root:{test}}}"))
+    parts.batches.close()
+    task = parts.task
+    for split, folder in ((task.val_set, val), (task.test_set, test)):
+        assert split.base.root == str(folder)
+        truth = [int(path.split("/")[-2]) for path, _ in split.base.samples]  # the folder name is the digit
+        assert [split[i][1] for i in range(len(split))] == truth
+    err = capsys.readouterr().err
+    assert f"task.val_split (root={val}) has no images of class 0" in err
+    assert f"task.test_split (root={test}) has no images of classes 0, 9" in err
+
+
+def test_a_split_with_classes_the_training_split_lacks_is_refused_by_name(digit_folder, tmp_path):
+    val = folder_copy(digit_folder, tmp_path / "val", drop=["3"], add=["cat", "dog"])
+    with pytest.raises(DataError) as e:
+        build(digits_cfg(digit_folder, f"task.val_split={{root:{val}}}"))
+    message = str(e.value)
+    assert message.startswith(f"task.val_split (root={val}) has classes the training split (task.dataset.root="
+                              f"{digit_folder / 'train'}) lacks: cat, dog")
+    assert "(it also lacks class 3" in message
+
+
+# -- images of different sizes -------------------------------------------------------------------------------------
+def sized_folder(root, sizes):
+    """An ImageFolder of grey squares: class a, then b, one image per entry of `sizes` ((h, w)), named 00.png ..."""
+    from PIL import Image
+
+    half = len(sizes) // 2
+    for i, (h, w) in enumerate(sizes):
+        folder = root / ("a" if i < half else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (w, h), color=i * 10).save(folder / f"{i % half:02d}.png")
+    return root
+
+
+NO_RESIZE = ("task.train_transform=[{_target_:torchvision.transforms.v2.RGB}]",
+             "task.eval_transform=[{_target_:torchvision.transforms.v2.RGB}]", "task.image_size=null")
+
+
+def test_images_of_different_sizes_without_a_resize_are_refused_before_training(tmp_path):
+    sized_folder(tmp_path / "train", [(28, 28)] * 7 + [(32, 40)] * 9)
+    with pytest.raises(ConfigError) as e:
+        build(digits_cfg(tmp_path, *NO_RESIZE, "task.val_split={root:" + str(tmp_path / "train") + "}"))
+    message = str(e.value)
+    assert message.startswith("task.train_transform gives images of different sizes: (3, 28, 28) for image "
+                              f"{tmp_path / 'train' / 'a' / '00.png'}, (3, 32, 40) for image "
+                              f"{tmp_path / 'train' / 'b' / '00.png'}")
+    assert "RandomResizedCrop" in message and "task.eval_transform" not in message.split(";")[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_of_different_sizes_met_in_a_batch_name_the_keys(tmp_path, workers):
+    """The check before training looks at a few images (first, middle, last: all 28x28 here); another size met in a
+    batch is the same clear error, from a worker too."""
+    sized_folder(tmp_path / "train", [(28, 28)] * 3 + [(30, 30)] + [(28, 28)] * 12)
+    cfg = digits_cfg(tmp_path, *NO_RESIZE, "task.val_split={root:" + str(tmp_path / "train") + "}",
+                     f"data.workers={workers}", "trainer.max_steps=2")
+    with pytest.raises(ConfigError, match=r"task.train_transform gives images of different sizes in one batch: "
+                                          r"\(3, 28, 28\), \(3, 30, 30\); .*RandomResizedCrop"):
+        run(cfg, tmp_path / "run")
+
+
+# -- a broken image met mid-run; a resume on other data ------------------------------------------------------------
+def test_a_bad_image_mid_run_says_how_to_resume_and_a_resume_on_other_data_is_refused(digit_folder, tmp_path):
+    """The image of step 3's batch is broken: the run stops there with the resume command (checkpoints at steps 1
+    and 2); removed as the message allows, the resume is refused (270 -> 269 training images, another validation
+    split) unless accepted on purpose, which is recorded."""
+    folder = tmp_path / "digits"
+    shutil.copytree(digit_folder / "train", folder / "train")
+    cfg = lambda *o: digits_cfg(folder, "trainer.checkpoint_interval=1", "trainer.eval_interval=0",  # noqa: E731
+                                "trainer.max_steps=4", *o)
+    parts = build(cfg())
+    parts.batches.close()
+    task = parts.task
+    position = parts.sampler.indices(2).tolist()[0]  # step 3's first sample
+    broken = Path(task.train_set.base.samples[task.train_set.indices[position]][0])
+    broken.write_bytes(broken.read_bytes()[:40])
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        run(cfg(), run_dir)
+    message = str(e.value)
+    assert f"image {broken} could not be decoded" in message
+    assert "trainer.resume_allow_data_changes=true" in message  # what removing the file does to a resumed run
+    assert (f"Stopped at step 2; the last checkpoint is {run_dir / 'checkpoints' / 'step-00000002.pt'}. Once the data "
+            "are fixed, resume with:\n  python ") in message
+    assert message.endswith(f" trainer.resume={run_dir}")
+
+    broken.unlink()
+    with pytest.raises(ConfigError) as e:
+        run(cfg(f"trainer.resume={run_dir}"), run_dir)
+    message = str(e.value)
+    assert f"trainer.resume={run_dir}: the checkpoint was written on other data" in message
+    assert "  train.images: 270 -> 269\n" in message and "  val.files: " in message
+    assert "trainer.resume_allow_data_changes=true" in message
+    final = run(cfg(f"trainer.resume={run_dir}", "trainer.resume_allow_data_changes=true"), run_dir)
+    assert final["step"] == 4
+    changes = json.loads((run_dir / "manifest.json").read_text())["resumes"][-1]["changes"]
+    assert changes["data:train.images"] == [270, 269]
