@@ -153,13 +153,7 @@ def describe(plan: Plan, console: Console, out: Path, jobs: int, threads: int) -
                   f"(baseline {plan.baseline.label}); {kind}", highlight=False)
     console.print(f"  selection and time to target on {plan.metric} ({plan.mode}); {plan.test_metric} reported "
                   f"at the end only", highlight=False)
-    epochs = {o.label: plan.budget / o.steps_per_epoch for o in plan.options}
-    if len(set(epochs.values())) > 1:  # the same steps are not the same data: say it
-        length = (f"{plan.budget} steps for every option ("
-                  + ", ".join(f"{k}: {v:.3g} epochs" for k, v in epochs.items()) + ")")
-    else:
-        length = f"{plan.budget} steps ({plan.budget / plan.steps_per_epoch:.3g} epochs)"
-    console.print(f"  full run: {length}, evaluation every {plan.eval_every} steps", highlight=False)
+    console.print(f"  full run: {plan.length()}, evaluation every {plan.eval_every} steps", highlight=False)
     if not plan.screen:
         rungs = ", ".join(f"{n} x {s}" for n, s in zip(plan.rung_sizes, plan.rungs, strict=True))
         console.print(f"  tuning: optimizer.lr on {len(GRID)} points, {lr_multiplier(GRID[0]):g}x .. "

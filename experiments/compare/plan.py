@@ -103,6 +103,14 @@ class Plan:
             sizes.append(max(1, sizes[-1] // ETA))
         return tuple(sizes)
 
+    def length(self) -> str:
+        """A full run: the same steps for every option, and each option's epochs where they differ."""
+        epochs = {o.label: self.budget / o.steps_per_epoch for o in self.options}
+        if len(set(epochs.values())) > 1:  # the same steps are not the same data: say it
+            return (f"{self.budget} steps for every option ("
+                    + ", ".join(f"{k}: {v:.3g} epochs" for k, v in epochs.items()) + ")")
+        return f"{self.budget} steps ({self.budget / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch})"
+
     def tuning_steps(self) -> int:
         """Steps every option spends on tuning, pruned and diverged trials included."""
         return 0 if self.screen else sum(n * r for n, r in zip(self.rung_sizes, self.rungs, strict=True))
