@@ -134,7 +134,7 @@ def earlier_comparison(out: Path, mine: dict[str, Any]) -> tuple[list[Path], str
                           "another --out (without --out, the default name is the comparison's own)")
     old = theirs.get("spec") or {}
     differ = sorted(k for k in {*old, *mine} if old.get(k) != mine.get(k))
-    return files, (f"`{shlex.join(theirs['command'])}`, which differs in {', '.join(differ)}" if old
+    return files, (f"`{shlex.join(theirs.get('command') or [])}`, which differs in {', '.join(differ)}" if old
                    else "one from before comparisons recorded their settings")
 
 

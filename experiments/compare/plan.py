@@ -272,6 +272,7 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
 
     group_opts = _group_options(axis.split("@")[0])
     options: list[Option] = []
+    known: dict[str, list[str]] = {}  # each option's problems
     for value in values:
         if group_opts is not None and value not in group_opts and value != "null":
             add(f"{axis}={value}: no such option in conf/{axis}/; {did_you_mean(value, group_opts)}")
@@ -288,7 +289,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         except HydraException as e:
             add(f"{override}: {str(e).splitlines()[0]}")
             continue
-        for p in problems(cfg):
+        known[value] = problems(cfg)
+        for p in known[value]:
             add(p if len(values) == 1 else f"[{value}] {p}")
         lr = OmegaConf.select(cfg, LR_KEY, default=None)
         if not screen and not isinstance(lr, (int, float)):
@@ -309,7 +311,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
                     add(f"--tune {item}: [{opt.label}] {key}={value}: {str(e).splitlines()[0]}")
                     continue
                 for p in problems(cfg):
-                    add(f"--tune {item}: [{opt.label}] {p}")
+                    if p not in known[opt.label]:  # the option's own are reported already
+                        add(f"--tune {item}: [{opt.label}] {p}")
     monitors = {(str(o.cfg.monitor.metric), str(o.cfg.monitor.mode)) for o in options}
     if len(monitors) > 1:
         add(f"the options monitor different metrics ({sorted(monitors)}): compare one task at a time")
