@@ -35,8 +35,8 @@ would scroll past in CI where an exit status does not (a Muon recipe once ran 13
 On a slower machine than `measured_on` (the table's last lines name both), raise `--time-factor`.
 
 Exit status: 0 when nothing failed (skipped is not failed), 1 when a recipe missed its target, was SLOW, did not
-finish or declares no valid `expect` block, 2 for an unknown recipe name, 130 after Ctrl-C (the run in progress
-writes its checkpoint first, and the table covers what ran).
+finish or declares no valid `expect` block, 2 for an unknown recipe name or an `--out` that is not empty (a folder
+holds one check), 130 after Ctrl-C (the run in progress writes its checkpoint first, and the table covers what ran).
 """
 
 from __future__ import annotations
@@ -287,7 +287,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     version = "full" if args.full else "short"
     out = args.out or ROOT / "runs" / "check_recipes" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()):  # a folder holds one check: its check.json and runs stay as they were
+        from trainer.log import print_error
+
+        what = "a previous check (check.json)" if (out / "check.json").is_file() else "other files"
+        print_error(f"--out {out} holds {what}; give another --out (without --out, a new folder named by the "
+                    "time), or remove it")
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from trainer.log import print_error
+
+        print_error(f"--out {out}: cannot create it ({e.strerror}); give a folder you can write in")
+        return 2
 
     import torch
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
+import json
+import math
 import os
 import shlex
 import signal
@@ -25,14 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from experiments.compare import probe as probing
 from experiments.compare import report
-from experiments.compare.plan import GRID, ROOT, Plan, build_plan, format_lr, lr_multiplier
+from experiments.compare.plan import GRID, PER_TRIAL, ROOT, Plan, build_plan, format_lr, lr_multiplier
 from experiments.compare.runs import Interrupted, Result, Runner, make_trial
 from experiments.compare.tuning import Point, Tuning, tune
-from trainer.errors import UserError
+from trainer.errors import ConfigError, UserError
 from trainer.log import print_error
 
 
@@ -63,13 +68,82 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+RECORD = "comparison.json"  # in --out: the comparison the folder belongs to
+REPORT_FILES = ("report.md", "compare.json", "compare.csv", RECORD)  # and the figures (*.png)
+PREVIOUS = "previous_comparison_"  # <out>/previous_comparison_<n>/: an earlier comparison's report, moved aside
+
+
+def spec(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that makes the comparison, its trials and its report: options with their composed configs,
+    overrides, budget, seeds, protocol, tuning, baseline, target. Not how it runs (--jobs, --trials)."""
+
+    def digest(cfg: Any) -> str:  # the option's composed config, without what the protocol sets (listed below)
+        data = OmegaConf.to_container(cfg, resolve=False)
+        for key in PER_TRIAL:
+            group, leaf = key.split(".")
+            if isinstance(data.get(group), dict):
+                data[group].pop(leaf, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    made = {"axis": plan.axis, "configs": {o.label: digest(o.cfg) for o in plan.options},
+            "default_lrs": {o.label: o.default_lr for o in plan.options}, "baseline": plan.baseline.label,
+            "overrides": sorted(a for a in plan.shared if "=" in a), "budget": plan.budget, "seeds": plan.seeds,
+            "tuning_seed": plan.tuning_seed, "lr": plan.user_lr, "screen": plan.screen, "tune": plan.tune,
+            "protocol": plan.protocol, "eval_every": plan.eval_every, "target": args.target}
+    return json.loads(json.dumps(made))  # as it reads back from comparison.json
+
+
+def spec_hash(s: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def default_out(plan: Plan, args: argparse.Namespace) -> Path:
-    what = " ".join([*sorted(plan.shared), *plan.protocol, f"seeds={args.seeds}", f"screen={args.screen}",
-                     *sorted(args.tune), f"evals={args.evals}"])
-    digest = hashlib.sha256(what.encode()).hexdigest()[:6]
     name = f"{plan.axis}={','.join(o.label for o in plan.options)}"
     name = "".join(c if c.isalnum() or c in "._=,+-" else "_" for c in name)[:100]
-    return ROOT / "runs" / "compare" / f"{name}-{digest}"
+    return ROOT / "runs" / "compare" / f"{name}-{spec_hash(spec(plan, args))}"
+
+
+def folder_problem(flag: str, path: Path) -> str | None:
+    """Why `path` cannot be (or become) a folder we write in; None when it can."""
+    path = path.absolute()
+    there = next(p for p in (path, *path.parents) if p.exists())
+    if not there.is_dir():
+        return f"{flag} {path}: {there} is a file, not a folder; give a folder"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {there} is not writable; give a folder you can write in"
+    return None
+
+
+def earlier_comparison(out: Path, mine: dict[str, Any]) -> tuple[list[Path], str]:
+    """A folder holds one comparison: the files of another comparison in `out` (to move aside) and how it differs;
+    nothing when `out` is new or this comparison's (running it again resumes it). Its trials stay: the ledger keys
+    them by config, so another comparison reuses only identical ones. Files no comparison wrote are refused."""
+    if not out.is_dir():
+        return [], ""
+    try:
+        theirs = json.loads((out / RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        theirs = {}
+    if theirs.get("spec") == mine:
+        return [], ""
+    files = [p for p in sorted(out.iterdir()) if p.name in REPORT_FILES or p.suffix == ".png"]
+    foreign = [p.name for p in sorted(out.iterdir())
+               if p not in files and p.name != "trials" and not p.name.startswith(PREVIOUS)]
+    if foreign:
+        raise ConfigError(f"--out {out} holds files that are not a comparison's ({', '.join(foreign[:5])}); give "
+                          "another --out (without --out, the default name is the comparison's own)")
+    old = theirs.get("spec") or {}
+    differ = sorted(k for k in {*old, *mine} if old.get(k) != mine.get(k))
+    return files, (f"`{shlex.join(theirs.get('command') or [])}`, which differs in {', '.join(differ)}" if old
+                   else "one from before comparisons recorded their settings")
+
+
+def move_aside(out: Path, files: list[Path]) -> Path:
+    dest = next(out / f"{PREVIOUS}{i}" for i in itertools.count(1) if not (out / f"{PREVIOUS}{i}").exists())
+    dest.mkdir()
+    for f in files:
+        f.rename(dest / f.name)
+    return dest
 
 
 def describe(plan: Plan, console: Console, out: Path, jobs: int, threads: int) -> None:
@@ -79,8 +153,7 @@ def describe(plan: Plan, console: Console, out: Path, jobs: int, threads: int) -
                   f"(baseline {plan.baseline.label}); {kind}", highlight=False)
     console.print(f"  selection and time to target on {plan.metric} ({plan.mode}); {plan.test_metric} reported "
                   f"at the end only", highlight=False)
-    console.print(f"  full run: {plan.budget} steps ({plan.budget / plan.steps_per_epoch:.3g} epochs), "
-                  f"evaluation every {plan.eval_every} steps", highlight=False)
+    console.print(f"  full run: {plan.length()}, evaluation every {plan.eval_every} steps", highlight=False)
     if not plan.screen:
         rungs = ", ".join(f"{n} x {s}" for n, s in zip(plan.rung_sizes, plan.rungs, strict=True))
         console.print(f"  tuning: optimizer.lr on {len(GRID)} points, {lr_multiplier(GRID[0]):g}x .. "
@@ -156,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=max(console.width, 200))
     if args.seeds is None:
         args.seeds = 1 if args.screen else 5
-    if args.jobs < 1:
-        print_error(f"--jobs {args.jobs}: must be at least 1")
+    bad = [f"--jobs {args.jobs}: must be at least 1"] * (args.jobs < 1)
+    bad += [f"--evals {args.evals}: must be at least 1 (evaluations per full run)"] * (args.evals < 1)
+    if args.target is not None and not math.isfinite(args.target):
+        bad.append(f"--target {args.target}: must be a finite number (the value time to target is measured at)")
+    bad += [p for flag in ("--out", "--trials") if (path := getattr(args, flag[2:])) and
+            (p := folder_problem(flag, path))]
+    if bad:
+        print_error("\n".join(bad))
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // args.jobs)
@@ -166,7 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(args.items, seeds=args.seeds, screen=args.screen, baseline=args.baseline, tune=args.tune,
                           evals=args.evals, command=command)
         out = args.out or default_out(plan, args)
+        trials_dir = args.trials or out / "trials"
+        mine = spec(plan, args)
+        if p := folder_problem("--out", out):  # the default one
+            raise ConfigError(p)
+        earlier, differs = earlier_comparison(out, mine)
         describe(plan, console, out, args.jobs, threads)
+        if earlier:
+            console.print(escape(f"  --out {out} holds another comparison ({differs}): its report "
+                                 f"{'would move' if args.dry_run else 'moves'} to {out}/{PREVIOUS}<n>/; its trials "
+                                 "stay (identical ones are reused)"), highlight=False)
         if args.dry_run:
             estimate(plan, console, args.jobs, threads)
             return 0
@@ -176,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-    trials_dir = args.trials or out / "trials"
+    out.mkdir(parents=True, exist_ok=True)
+    if earlier:
+        console.print(f"moved the earlier comparison's report to {move_aside(out, earlier)}", highlight=False)
+    (out / RECORD).write_text(json.dumps({"command": command, "spec": mine}, indent=2) + "\n")
     runner = Runner(trials_dir, args.jobs, threads, plan.metric, console)
     previous = signal.signal(signal.SIGTERM, _stop)
     start = time.perf_counter()

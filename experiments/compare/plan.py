@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,19 @@ GRID = tuple(range(-4, 5))  # LR exponents in half-decades: 9 points, 10^-2 .. 1
 EXTRA_POINTS = 2  # rung 0 adds 2 points: past the grid's edge when the best is there, else either side of the best
 ETA = 3  # successive halving keeps the best 1/ETA of each rung
 RUNG_FRACTIONS = (1 / 9, 1 / 3, 1.0)
-PROTOCOL_KEYS = ("trainer.max_steps", "trainer.seed", LR_KEY)
+PROTOCOL_KEYS = ("trainer.max_steps", "trainer.seed", LR_KEY)  # a user's value becomes the budget / seed / LR default
 ECONOMY = {"trainer.checkpoint_interval": "0", "trainer.pictures": "false", "trainer.histogram_interval": "0"}
+# Every key the protocol sets in a trial after the user's overrides (Plan.overrides), and why: a value given for
+# one of them is overwritten in every trial, so none can be the compared axis or a --tune key. trainer.max_epochs
+# is one because trainer.max_steps, set in every trial, takes its place.
+PER_TRIAL = {
+    "trainer.max_steps": "each rung's budget in steps",
+    "trainer.max_epochs": "trainer.max_steps, each rung's budget, replaces it",
+    "trainer.seed": "the paired seeds",
+    LR_KEY: "the learning rate it tunes for every option",
+    "trainer.eval_interval": "the same evaluation steps for every option and rung; --evals sets how many",
+    **{k: f"{k}={v}: nothing compare reads" for k, v in ECONOMY.items()},
+}
 
 
 def lr_multiplier(k: float) -> float:
@@ -54,6 +66,7 @@ class Option:
     override: str  # "optimizer=lion"
     cfg: DictConfig  # composed as train.py would
     default_lr: float | None
+    steps_per_epoch: int = 0  # its own: an axis such as task.batch_size changes it
     scaled: list[str] = field(default_factory=list)  # its schedule's step/epoch durations as fractions of the run
 
 
@@ -89,6 +102,14 @@ class Plan:
         for _ in RUNG_FRACTIONS[1:]:
             sizes.append(max(1, sizes[-1] // ETA))
         return tuple(sizes)
+
+    def length(self) -> str:
+        """A full run: the same steps for every option, and each option's epochs where they differ."""
+        epochs = {o.label: self.budget / o.steps_per_epoch for o in self.options}
+        if len(set(epochs.values())) > 1:  # the same steps are not the same data: say it
+            return (f"{self.budget} steps for every option ("
+                    + ", ".join(f"{k}: {v:.3g} epochs" for k, v in epochs.items()) + ")")
+        return f"{self.budget} steps ({self.budget / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch})"
 
     def tuning_steps(self) -> int:
         """Steps every option spends on tuning, pruned and diverged trials included."""
@@ -185,6 +206,16 @@ def split_axis(args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
     return axis.key_or_group, values, shared, []
 
 
+def axis_problem(axis: str, screen: bool) -> str | None:
+    """Why `axis` cannot be compared: the protocol sets it in every trial (PER_TRIAL). Screening sets no learning
+    rate, so it compares learning rates."""
+    if axis not in PER_TRIAL or (axis == LR_KEY and screen):
+        return None
+    return (f"{axis}: compare sets it in every trial ({PER_TRIAL[axis]}), so its values would not be compared; "
+            "compare something else" + (", or use --screen to run these values as they are" if axis == LR_KEY
+                                        else ""))
+
+
 def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | None, tune: list[str],
                evals: int, command: list[str]) -> Plan:
     """Parse, compose and validate everything; raise ConfigError listing every problem at once."""
@@ -211,19 +242,18 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         add(f"--seeds {seeds}: the paired test needs at least 2 seeds per option (--screen runs 1)")
     if baseline is not None and baseline not in values:
         add(f"--baseline {baseline}: not one of the options ({', '.join(values)})")
-    if axis in ("trainer.max_steps", "trainer.seed"):
-        add(f"{axis}: compare sets it for every trial (the rung's budget, the paired seeds); compare something else")
-    if axis == LR_KEY and not screen:
-        add(f"{axis}: the learning rate is what compare tunes for every option; compare something else, or use "
-            "--screen to run these values as they are")
+    if p := axis_problem(axis, screen):
+        add(p)
     tuned = []
     for item in tune:
         key, _, vals = item.partition("=")
         vals_list = [v for v in vals.split(",") if v]
         if not key or not vals_list:
             add(f"--tune {item}: write key=v1,v2,...")
-        elif key in (axis, LR_KEY, *PROTOCOL_KEYS):
-            add(f"--tune {item}: {key} is set by compare itself")
+        elif key == axis:
+            add(f"--tune {item}: {key} is the compared axis")
+        elif key in PER_TRIAL:
+            add(f"--tune {item}: compare sets it in every trial ({PER_TRIAL[key]})")
         else:
             tuned.append((key, vals_list))
     if screen and tuned:
@@ -242,6 +272,7 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
 
     group_opts = _group_options(axis.split("@")[0])
     options: list[Option] = []
+    known: dict[str, list[str]] = {}  # each option's problems
     for value in values:
         if group_opts is not None and value not in group_opts and value != "null":
             add(f"{axis}={value}: no such option in conf/{axis}/; {did_you_mean(value, group_opts)}")
@@ -258,17 +289,30 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         except HydraException as e:
             add(f"{override}: {str(e).splitlines()[0]}")
             continue
-        for p in problems(cfg):
+        known[value] = problems(cfg)
+        for p in known[value]:
             add(p if len(values) == 1 else f"[{value}] {p}")
         lr = OmegaConf.select(cfg, LR_KEY, default=None)
         if not screen and not isinstance(lr, (int, float)):
             add(f"[{value}] {LR_KEY}: compare tunes it, but this option has none (--screen runs defaults only)")
             lr = None
         options.append(Option(value, override, cfg, float(lr) if isinstance(lr, (int, float)) else None))
-    for key, _ in tuned:
+    for key, vals_list in tuned:
+        item = f"{key}={','.join(vals_list)}"
         for opt in options:
             if OmegaConf.select(opt.cfg, key, default="\0missing") == "\0missing":
                 add(f"--tune {key}=...: [{opt.label}] has no key {key}")
+                continue
+            for value in vals_list:  # each value as a trial will set it, through the validator
+                cfg = copy.deepcopy(opt.cfg)
+                try:
+                    OmegaConf.update(cfg, key, parse_override(f"{key}={value}")[1], merge=False)
+                except Exception as e:
+                    add(f"--tune {item}: [{opt.label}] {key}={value}: {str(e).splitlines()[0]}")
+                    continue
+                for p in problems(cfg):
+                    if p not in known[opt.label]:  # the option's own are reported already
+                        add(f"--tune {item}: [{opt.label}] {p}")
     monitors = {(str(o.cfg.monitor.metric), str(o.cfg.monitor.mode)) for o in options}
     if len(monitors) > 1:
         add(f"the options monitor different metrics ({sorted(monitors)}): compare one task at a time")
@@ -284,18 +328,43 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
 
     base = next(o for o in options if o.label == (baseline or values[0]))
     metric, mode = monitors.pop()
-    budget, steps_per_epoch = _budget(base.cfg)
+    runs = _budgets(options)
+    budget, steps_per_epoch = runs[base.label]
+    if len({b for b, _ in runs.values()}) > 1:
+        # Every trial runs the baseline's steps: an option asking for another length (epochs of another size, a
+        # recipe with another budget) would silently run the baseline's. Refused rather than equalised, because
+        # equal epochs (equal data) and equal steps (equal updates) are different questions: the user says which.
+        lengths = ", ".join(f"{label}: {b} steps ({b / spe:.3g} epochs)" for label, (b, spe) in runs.items())
+        raise ConfigError(f"the options' full runs differ: {lengths}; compare gives every option the same steps: "
+                          f"set them with trainer.max_steps=N (the baseline's run is {budget})")
     if budget < 9 and not screen:
         raise ConfigError(f"a full run is {budget} steps: successive halving needs at least 9 (rungs of 1/9 and "
                           "1/3 of the budget); raise trainer.max_steps or trainer.max_epochs")
     eval_every, protocol = _cadence(shared, base.cfg, budget, steps_per_epoch, evals)
     for o in options:
-        o.scaled = scaled_schedule(o.cfg, budget, steps_per_epoch)
+        o.steps_per_epoch = runs[o.label][1]
+        o.scaled = scaled_schedule(o.cfg, budget, o.steps_per_epoch)
     seed0 = int(user.get("trainer.seed", base.cfg.trainer.seed))
     return Plan(axis=axis, options=options, baseline=base, shared=shared, protocol=protocol, budget=budget,
                 steps_per_epoch=steps_per_epoch, eval_every=eval_every, tune=tuned,
                 seeds=[seed0 + 1 + k for k in range(seeds)], tuning_seed=seed0, screen=screen, metric=metric,
                 mode=mode, test_metric=metric.replace("val_", "test_", 1), command=command, user_lr=user.get(LR_KEY))
+
+
+def _budgets(options: list[Option]) -> dict[str, tuple[int, int]]:
+    """Every option's (full run's steps, steps per epoch); options with the same task and budget keys share one."""
+    seen: dict[str, tuple[int, int]] = {}
+    out = {}
+    for o in options:
+        try:
+            key = json.dumps([OmegaConf.to_container(o.cfg.task, resolve=True), o.cfg.trainer.max_steps,
+                              o.cfg.trainer.max_epochs], sort_keys=True, default=str)
+        except Exception:  # does not resolve: the option's own
+            key = o.label
+        if key not in seen:
+            seen[key] = _budget(o.cfg)
+        out[o.label] = seen[key]
+    return out
 
 
 def _budget(cfg: DictConfig) -> tuple[int, int]:

@@ -321,8 +321,8 @@ def markdown(plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: 
         f"- {meta['date']}, {meta['host']} ({meta['cpus']} CPUs), {meta['jobs']} job(s) x {threads} thread(s); "
         f"{meta['trials_run']} trials run, {meta['trials_cached']} read from the ledger; {meta['wall_s']:.0f} s",
         "", "## Protocol", "",
-        f"- budget: {plan.budget} optimizer steps per full run ({plan.budget / plan.steps_per_epoch:.3g} epochs of "
-        f"{plan.steps_per_epoch}); evaluation every {plan.eval_every} steps for every run of every option",
+        f"- budget: a full run is {plan.length()} (optimizer steps); evaluation every {plan.eval_every} steps for "
+        "every run of every option",
     ]
     if not plan.screen:
         rungs = ", ".join(f"{n} x {s} steps" for n, s in zip(plan.rung_sizes, plan.rungs, strict=True))

@@ -10,7 +10,8 @@ a sweep. There is no second ledger.
 The others run through `experiments.sweep.run_job`, the path a sweep's job takes (status.json, failure isolation,
 the ledger line): with `--jobs 1` in this process, else in `--jobs` worker processes that each run trial after
 trial, so the interpreter and imports are paid once per worker rather than once per trial. A trial runs in
-`<trials>/<name>-<hash of its ledger key>` with its output in `train.log` there, and with sys.argv set to its own
+`<trials>/<name>-<hash of its ledger key>`, or the directory the ledger already gives its key (a comparison
+sharing `--trials` may have named it), with its output in `train.log` there, and with sys.argv set to its own
 train.py command line, so its manifest and the trainer's messages name the command that reproduces it.
 
 Threads: a trial gets its share of the cores (cores // jobs) as torch's intra-op threads. The share is how a
@@ -242,8 +243,10 @@ class Runner:
         self.dir.mkdir(parents=True, exist_ok=True)
         results: dict[int, Result] = {}
         todo = deque()
-        entries = self.ledger.entries()
+        entries, dirs = self.ledger.entries(), self.ledger.dirs()
         for i, trial in enumerate(trials):
+            if trial.key in dirs:  # the directory the ledger gave it, maybe under another comparison's name
+                trial.run_dir = self.dir / dirs[trial.key]
             entry = entries.get(trial.key, {})
             diverged = entry.get("status") == "failed" and _diverged(entry.get("error") or "")
             if diverged or self.ledger.finished(trial.key):  # a diverged trial is a result, not something missing

@@ -271,7 +271,7 @@ def test_rung_trials_are_scaled_copies_of_the_full_run():
     (["optimizer=adamw,lion", *TOY, "optimizer.lr=-1"], ["optimizer.lr=-1"]),
     (["optimizer=adamw,lion", *TOY, "--tune", "regularize.weight_decya=0,1"], ["has no key regularize.weight_decya"]),
     (["optimizer=adamw,lion", *TOY, "trainer.max_steps=5"], ["successive halving needs at least 9"]),
-    (["trainer.seed=1,2", *TOY], ["trainer.seed: compare sets it for every trial"]),
+    (["trainer.seed=1,2", *TOY], ["trainer.seed: compare sets it in every trial (the paired seeds)"]),
 ])
 def test_bad_input_is_a_clear_message(args, messages, tmp_path):
     result = run_main([*args, "--out", str(tmp_path)])
