@@ -50,11 +50,11 @@ def _no_test_metrics(self, model):
     return {"test_distance": abs(model.w.item() - self.sweet_spot)}
 
 
-@pytest.mark.parametrize("phase", ["final evaluation", "test metrics", "last checkpoint", "pictures"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(("phase", "signum"), [("final evaluation", signal.SIGINT), ("test metrics", signal.SIGTERM),
+                                               ("last checkpoint", signal.SIGINT), ("pictures", signal.SIGTERM)])
 def test_a_signal_in_the_final_phase_stops_the_run_and_the_resume_finishes_it(phase, signum, tmp_path, monkeypatch):
     monkeypatch.setattr(LineTask, "final_metrics", _no_test_metrics, raising=False)
-    monkeypatch.setattr(LineTask, "save_pictures", lambda self, model, folder: folder.mkdir(), raising=False)
+    monkeypatch.setattr(LineTask, "save_pictures", lambda self, model, folder: folder.mkdir(exist_ok=True), raising=False)
     expected = run(final_phase_cfg("trainer.pictures=true"), tmp_path / "straight")
     if phase == "final evaluation":
         signal_in(monkeypatch, LineTask, "evaluate", signum)
@@ -72,7 +72,7 @@ def test_a_signal_in_the_final_phase_stops_the_run_and_the_resume_finishes_it(ph
     assert f"stopped by {signal.Signals(signum).name} at step 4" in message
     assert f"trainer.resume={run_dir}" in message
     assert (run_dir / "checkpoints" / "step-00000004.pt").is_file()  # the last checkpoint is the last step's
-    if phase in ("final evaluation",):
+    if phase == "final evaluation":
         assert "training is complete" not in message
     else:
         assert "training is complete" in message
