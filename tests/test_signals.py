@@ -46,15 +46,16 @@ def signal_in(monkeypatch, obj, name, signum=signal.SIGINT, when=lambda *a: True
     monkeypatch.setattr(obj, name, wrapped, raising=False)
 
 
-def _no_test_metrics(self, model):
+def _test_metrics(self, model):
     return {"test_distance": abs(model.w.item() - self.sweet_spot)}
 
 
 @pytest.mark.parametrize(("phase", "signum"), [("final evaluation", signal.SIGINT), ("test metrics", signal.SIGTERM),
                                                ("last checkpoint", signal.SIGINT), ("pictures", signal.SIGTERM)])
 def test_a_signal_in_the_final_phase_stops_the_run_and_the_resume_finishes_it(phase, signum, tmp_path, monkeypatch):
-    monkeypatch.setattr(LineTask, "final_metrics", _no_test_metrics, raising=False)
-    monkeypatch.setattr(LineTask, "save_pictures", lambda self, model, folder: folder.mkdir(exist_ok=True), raising=False)
+    monkeypatch.setattr(LineTask, "final_metrics", _test_metrics, raising=False)
+    monkeypatch.setattr(LineTask, "save_pictures", lambda self, model, folder: folder.mkdir(exist_ok=True),
+                        raising=False)
     expected = run(final_phase_cfg("trainer.pictures=true"), tmp_path / "straight")
     if phase == "final evaluation":
         signal_in(monkeypatch, LineTask, "evaluate", signum)
