@@ -8,6 +8,7 @@ goes on, and jobs already finished in the same sweep directory are skipped (the 
 
 import signal
 import sys
+import threading
 
 
 def _stopped_during_start_up(signum: int, frame: object) -> None:
@@ -31,9 +32,10 @@ from trainer.run import main as run_main
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    # From here on a run handles its signals itself (trainer.run); a sweep's launcher sees KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is threading.main_thread():
+        # From here on a run handles its signals itself (trainer.run); a sweep's launcher sees KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     if hc.mode == RunMode.MULTIRUN:

@@ -17,9 +17,12 @@ Threads: a trial gets its share of the cores (cores // jobs) as torch's intra-op
 trial runs, not what it is: it stays out of the config (a different --jobs reuses the cache), and the command that
 reproduces a trial carries the threads it ran with as OMP_NUM_THREADS (trial.json in its directory).
 
-Ctrl-C: the run in progress finishes its step and is recorded as interrupted (it runs again from the start next
-time), then Interrupted is raised. Workers run in their own session, so the terminal's SIGINT reaches only
-compare, which sends each busy worker one SIGINT and waits for them.
+Ctrl-C: the run in progress finishes its step, or its final phase's current part, and is recorded as interrupted
+(it runs again from the start next time), then Interrupted is raised. Workers run in their own session, so the
+terminal's SIGINT reaches only compare, which sends each busy worker one SIGINT, reads its answer and tells it to
+exit (a second Ctrl-C sends a second SIGINT: the runs stop at once). A worker that dies without answering (SIGKILL,
+out of memory, a crash) raises WorkerDied, which names the trial and how it died; its trial is recorded as
+interrupted and runs again next time.
 """
 
 from __future__ import annotations
