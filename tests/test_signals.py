@@ -141,8 +141,10 @@ def test_wall_time_counts_every_session(tmp_path):
     final = run(final_phase_cfg("trainer.max_steps=4", f"trainer.resume={tmp_path}"), tmp_path)
     assert 0 < saved <= first["wall_time_s"]
     assert final["wall_time_s"] == pytest.approx(saved + final["session_wall_time_s"], abs=0.02)
+    saved_at_4 = load_checkpoint(tmp_path / "checkpoints" / "step-00000004.pt")["loop"]["wall_time"]
+    assert saved < saved_at_4 <= final["wall_time_s"]
     again = run(final_phase_cfg("trainer.max_steps=4", f"trainer.resume={tmp_path}"), tmp_path)  # finished: resumed
-    assert again["wall_time_s"] >= final["wall_time_s"]
+    assert again["wall_time_s"] == pytest.approx(saved_at_4 + again["session_wall_time_s"], abs=0.02)
 
 
 def _wait_for(path, timeout=120):
