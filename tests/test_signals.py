@@ -173,7 +173,7 @@ def ctrl_c_when(marker):
     return thread
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes start
 def test_ctrl_c_while_a_trial_is_in_its_final_phase_stops_compare_at_once(jobs, tmp_path):
     args = compare_args(tmp_path, jobs, signal_at(tmp_path, "wait_final"))
     thread = ctrl_c_when(tmp_path / "signalled.waiting")
@@ -193,6 +193,7 @@ def test_ctrl_c_while_a_trial_is_in_its_final_phase_stops_compare_at_once(jobs, 
     assert f"{4 - len(finished)} trials run, {len(finished)} read from the ledger" in again.out
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_reported_as_what_it_was_and_the_comparison_resumes(tmp_path):
     args = compare_args(tmp_path, 2, signal_at(tmp_path, "kill4", "SIGKILL"))
     died = run_main(args)
