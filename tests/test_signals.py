@@ -118,10 +118,12 @@ def test_a_signal_during_start_up_is_one_line(name, tmp_path):
     assert f"stopped by {name} before training began" in out.stderr
 
 
-def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path):
-    """SIGINT as soon as train.py imports torch (python -X importtime reports imports as they finish)."""
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / "train.py"), *TOY,
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+@pytest.mark.parametrize("command", ["train.py", "compare"])
+def test_ctrl_c_while_python_imports_torch_is_one_line(command, tmp_path):
+    """SIGINT as soon as train.py or compare imports torch (python -X importtime reports imports as they end)."""
+    args = ([str(ROOT / "train.py"), *TOY, f"hydra.run.dir={tmp_path / 'run'}"] if command == "train.py" else
+            ["-m", "experiments.compare", *compare_args(tmp_path, 1)])
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
     for line in proc.stderr:
@@ -131,7 +133,8 @@ def test_ctrl_c_while_python_imports_torch_is_one_line(tmp_path):
             break
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 130, rest
-    assert "Traceback" not in rest and "stopped by SIGINT during start-up" in rest, rest
+    assert "Traceback" not in rest and ("stopped by SIGINT during start-up" in rest if command == "train.py" else
+                                        "experiments.compare: stopped by SIGINT" in rest), rest
 
 
 def test_wall_time_counts_every_session(tmp_path):
