@@ -206,8 +206,8 @@ def test_a_worker_that_dies_is_reported_as_what_it_was_and_the_comparison_resume
     assert "killed by SIGKILL" in err and "out of memory" in err
     assert "Continue with the same command" in err
     ledger = Ledger(tmp_path / "cmp" / "trials")
-    killed = [e for e in ledger.entries().values() if "SIGKILL" in (e.get("error") or "")]
-    assert len(killed) == 1 and killed[0]["run_dir"] in err
+    killed = [e for e in ledger.entries().values() if "worker process died" in (e.get("error") or "")]
+    assert len(killed) == 1 and "killed by SIGKILL" in killed[0]["error"] and killed[0]["run_dir"] in err
     again = run_main(args)
     assert again.code == 0, again.err
     assert all(e["status"] == "finished" for e in ledger.entries().values()) and len(ledger.entries()) == 4
