@@ -4,8 +4,21 @@ Compose the config (Hydra) -> validate and build -> fit. Everything else lives i
 In a multirun (`-m`, a sweep) each job goes through experiments.sweep.run_job: a failed job is recorded and the sweep
 goes on, and jobs already finished in the same sweep directory are skipped (the ledger).
 """
+# ruff: noqa: E402 (the signal handlers below come before the slow imports)
 
+import signal
 import sys
+import threading
+
+
+def _stopped_during_start_up(signum: int, frame: object) -> None:
+    print(f"train.py: stopped by {signal.Signals(signum).name} during start-up; nothing ran.", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C / SIGTERM while Python loads torch and Hydra composes: one line, no traceback
+    for _s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_s, _stopped_during_start_up)
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,6 +32,10 @@ from trainer.run import main as run_main
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    if threading.current_thread() is threading.main_thread():
+        # From here on a run handles its signals itself (trainer.run); a sweep's launcher sees KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     if hc.mode == RunMode.MULTIRUN:

@@ -50,7 +50,7 @@ from trainer.log import print_error
 
 LEDGER = "ledger.jsonl"
 STATUS = "status.json"
-_NOT_METRICS = {"step", "epoch", "wall_time_s", "stop_reason", "restored_best_step"}
+_NOT_METRICS = {"step", "epoch", "wall_time_s", "session_wall_time_s", "stop_reason", "restored_best_step"}
 
 
 def optuna_direction(mode: str) -> str:

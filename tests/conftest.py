@@ -41,21 +41,35 @@ def compose_cfg(*overrides: str) -> DictConfig:
     return cfg
 
 
+# What the data root (KILN_DATA_ROOT, the folder CI points at ../shared/data) must hold for the tests that use data.
+DATA = ("MNIST/raw/train-images-idx3-ubyte", "tinyshakespeare/input.txt")
+
+
 def data_root() -> Path | None:
     root = os.environ.get("KILN_DATA_ROOT")
-    if root and (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+    if root and all((Path(root) / p).is_file() for p in DATA):
         return Path(root).resolve()
     return None
 
 
-@pytest.fixture
-def mnist_root() -> Path:
+def need_data() -> Path:
+    """The data root, or the test is skipped with one line, the same for every such test (so `-ra` prints it once);
+    under CI (CI=true) it fails instead: CI must never skip them silently."""
     root = data_root()
     if root is None:
-        if os.environ.get("CI"):  # CI must never skip these silently
-            pytest.fail("KILN_DATA_ROOT does not point at a folder holding MNIST/raw/ (see .ci/run)")
-        pytest.skip("MNIST not found: set KILN_DATA_ROOT to the folder holding MNIST/raw/ (CI sets ../shared/data)")
+        where = os.environ.get("KILN_DATA_ROOT")
+        where = f"KILN_DATA_ROOT={where} does not hold" if where else "KILN_DATA_ROOT is not set: it must name"
+        message = (f"test data not found: {where} the folder with {' and '.join(DATA)}; export "
+                   "KILN_DATA_ROOT=/path/to/data (CI uses ../shared/data, see .ci/run)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return root
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    return need_data()
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,11 +83,7 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None
 def digit_folder(tmp_path_factory) -> Path:
     """A tiny ImageFolder written from MNIST: train/<digit>/<n>.png, 300 training digits (30 per class), and
     test/<digit>/<n>.png, 50 test digits (5 per class). One per test session."""
-    root = data_root()
-    if root is None:
-        if os.environ.get("CI"):
-            pytest.fail("KILN_DATA_ROOT does not point at a folder holding MNIST/raw/ (see .ci/run)")
-        pytest.skip("MNIST not found: set KILN_DATA_ROOT to the folder holding MNIST/raw/")
+    root = need_data()
     from PIL import Image
     from torchvision.datasets import MNIST
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from bench import gpu_check
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need_data
 
 IN_PROCESS = ["bf16_autocast", "fp16_grad_scaler", "fused_adamw", "host_syncs", "throughput", "tf32", "recipe"]
 
 
 def cpu_mode(tmp_path, *names: str) -> tuple[int, dict[str, dict]]:
+    need_data()  # the checks train the char-GPT on tinyshakespeare
     out = tmp_path / "gpu_check.json"
     code = gpu_check.main(["--device", "cpu", "--threads", "1", "--out", str(out), "--only", ",".join(names)])
     return code, {c["check"]: c for c in json.loads(out.read_text())["checks"]}
@@ -101,3 +102,14 @@ def test_unknown_check_names_are_refused(capsys):
         gpu_check.main(["--only", "bf16,compile"])
     assert e.value.code == 2
     assert "--only: unknown check(s) bf16; the checks are bf16_autocast" in capsys.readouterr().err
+
+
+def test_without_the_data_root_its_runs_skip_with_one_line_and_fail_under_ci(tmp_path, monkeypatch):
+    monkeypatch.delenv("KILN_DATA_ROOT", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    line = "test data not found: KILN_DATA_ROOT is not set: it must name the folder with MNIST/raw/"
+    with pytest.raises(pytest.skip.Exception, match=line):
+        cpu_mode(tmp_path, "fused_adamw")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=line):
+        cpu_mode(tmp_path, "fused_adamw")

@@ -510,11 +510,9 @@ MNIST_BAD = [  # (file, how to spoil it given its real bytes, fragments of the m
 
 @pytest.fixture(scope="module")
 def real_mnist() -> dict[str, bytes]:
-    from tests.conftest import data_root
+    from tests.conftest import need_data
 
-    root = data_root()
-    if root is None:
-        pytest.skip("MNIST not found: set KILN_DATA_ROOT")
+    root = need_data()
     return {"root": root, **{p.name: p.read_bytes() for p in (root / "MNIST" / "raw").iterdir()
                              if p.name.endswith("ubyte")}}
 

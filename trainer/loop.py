@@ -136,14 +136,10 @@ def build(cfg: DictConfig) -> Parts:
                  early_stop, coupled_wd, dist, batches)
 
 
-def resume_command(run_dir: Path) -> str:
-    """This process's command line, continuing the run in `run_dir`."""
-    args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
-    return shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={run_dir}"])
-
-
 class Interrupted(UserError):
-    """SIGTERM / SIGINT: the step in progress finished and a checkpoint was written."""
+    """SIGTERM / SIGINT: the run stopped (after a checkpoint, unless it says otherwise). Exit code 128 + signal."""
+
+    exit_code = 130
 
 
 class NonFiniteError(UserError):
@@ -179,6 +175,7 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.train_model = model
         self.signal: int | None = None
+        self.last_checkpoint: Path | None = None  # written by this process (the main rank)
         self.run_id = ""  # set by trainer.run: written into every checkpoint (a run directory holds one run)
         self.data = parts.task.data_fingerprint()  # what a resume must find again (once per run: it may stat files)
         # Resumable loop state (everything else lives in the parts' own state_dicts).
@@ -189,6 +186,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}  # of the evaluation at last_eval_step
         self.stop_reason = ""  # early stopping's decision (survives resume)
         self.train_time = 0.0  # seconds of training so far: evaluation, checkpoints and pictures left out
+        self.wall_time = 0.0  # seconds of the run's earlier sessions, up to the checkpoint each resume loaded
         self.skipped = {"nonfinite": 0, "nonfinite_in_a_row": 0, "fp16_overflow": 0}
         # with nonfinite=raise: the first step whose loss was not finite, kept on the device (-1: none)
         self.first_bad_step = torch.full((), -1, device=parts.device, dtype=torch.long)
@@ -214,7 +212,8 @@ class Trainer:
             "rng_ranks": p.dist.all_gather(rng),
             "loop": {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "last_eval_step": self.last_eval_step,
                      "last_metrics": dict(self.last_metrics), "stop_reason": self.stop_reason,
-                     "train_time": self.train_time_now(), "skipped": dict(self.skipped)},
+                     "train_time": self.train_time_now(), "wall_time": self.wall_time_now(),
+                     "skipped": dict(self.skipped)},
             "config": OmegaConf.to_container(p.cfg, resolve=True),
             "data": self.data,
         }
@@ -254,6 +253,7 @@ class Trainer:
         self.loss_count, self.last_eval_step = loop["loss_count"], loop["last_eval_step"]
         self.last_metrics = dict(loop.get("last_metrics", {}))
         self.train_time = float(loop.get("train_time", 0.0))
+        self.wall_time = float(loop.get("wall_time", 0.0))
         self.skipped.update(loop.get("skipped", {}))
         early_stop_changed = any(k == "early_stop" or k.startswith("early_stop.") for k in changes)
         if loop.get("stop_reason") and p.early_stop and not early_stop_changed:
@@ -294,10 +294,15 @@ class Trainer:
             self._check_params()
             state = self.state_dict()
             if self.p.dist.is_main:
-                return self.checkpoints.save(state, self.step)
+                self.last_checkpoint = self.checkpoints.save(state, self.step)
+                return self.last_checkpoint
         return None
 
     # -- time --------------------------------------------------------------------------------------------------
+    def wall_time_now(self) -> float:
+        """Seconds of the whole run so far: every session's fit() up to this moment (or to its last checkpoint)."""
+        return self.wall_time + (time.perf_counter() - self._fit_start if hasattr(self, "_fit_start") else 0.0)
+
     def train_time_now(self) -> float:
         if not hasattr(self, "_fit_start"):
             return self.train_time
@@ -322,7 +327,7 @@ class Trainer:
         except BadSampleError as e:  # a broken file met mid-run: fixed, the run resumes from its last checkpoint
             last = self.checkpoints.step_files()
             how = (f"the last checkpoint is {last[-1]}. Once the data are fixed, resume with:\n  "
-                   f"{resume_command(self.run_dir)}" if last else
+                   f"{self.resume_command()}" if last else
                    "no checkpoint was written before it: once the data are fixed, run the same command again.")
             raise type(e)(f"{e}\nStopped at step {self.step}; {how}") from None
 
@@ -368,14 +373,16 @@ class Trainer:
                 self._interrupted()
 
         # The end: a last evaluation (unless this step was just evaluated) and checkpoint, then the best weights
-        # back if early stopping kept them.
+        # back if early stopping kept them. A signal here stops the run too, saying how far the end got.
         self._check_finite()
         train_time = self.train_time_now()
         with self._not_training():
             self._check_params()
             metrics = self.last_metrics if self.last_eval_step == self.step else self._evaluate(log)
-            if not self.ckpt_every or self.step % self.ckpt_every:
-                self.save()
+            if self.signal is not None:
+                self._interrupted(" during the final evaluation")
+            saved = self.save() if not self.ckpt_every or self.step % self.ckpt_every else self.last_checkpoint
+            self._stop_if_signalled(saved, "final_metrics.json is not written yet")
             final = {"step": self.step, "epoch": round(self.step / p.sampler.steps_per_epoch, 4)}
             if p.early_stop and p.early_stop.restore(p.model):
                 final["restored_best_step"] = p.early_stop.best_step
@@ -388,7 +395,9 @@ class Trainer:
                 tests = self._eval_metrics("final_metrics")
                 final.update(tests)
                 protocol.check_monitored(p.cfg, task, self._watched(), metrics, tests)
-        final.update({"wall_time_s": round(time.perf_counter() - self._fit_start, 2),
+            self._stop_if_signalled(saved, "final_metrics.json is not written yet")
+        final.update({"wall_time_s": round(self.wall_time_now(), 2),
+                      "session_wall_time_s": round(time.perf_counter() - self._fit_start, 2),
                       "train_time_s": round(train_time, 3), "stop_reason": self.stop_reason or "max steps reached"})
         final.update({f"skipped_{k}": v for k, v in self.skipped.items() if v and k != "nonfinite_in_a_row"})
         self._check_final(final)
@@ -396,6 +405,7 @@ class Trainer:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
             if p.cfg.trainer.pictures and hasattr(task, "save_pictures"):
                 task.save_pictures(p.model, self.run_dir / "pictures")
+        self._stop_if_signalled(saved, "final_metrics.json is written; pictures/ may be incomplete")
         return final
 
     def _check_final(self, final: dict[str, Any]) -> None:
@@ -534,14 +544,38 @@ class Trainer:
                 f"non-finite training loss at step {bad}; stopped ({where}). Try a lower optimizer.lr, clip=norm, "
                 f"amp=bf16 instead of fp16, or trainer.nonfinite=skip to skip such steps.")
 
-    def _interrupted(self) -> None:
-        name = signal.Signals(self.signal).name
+    def _interrupted(self, where: str = "") -> None:
+        """After a SIGTERM / SIGINT: a checkpoint of this step, then Interrupted with the command that resumes."""
         path = self.save()
         self.p.dist.barrier()
-        error = Interrupted(f"stopped by {name} at step {self.step}; checkpoint {path or self.run_dir}. "
-                            f"Resume with:\n  {resume_command(self.run_dir)}")
+        error = Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{where}; checkpoint "
+                            f"{path or self.run_dir}. Resume with:\n  {self.resume_command()}")
         error.exit_code = 128 + self.signal
         raise error
+
+    def _stop_if_signalled(self, saved: Path | None, what: str) -> None:
+        """A signal after the final checkpoint was written: the run's training is complete; say what is left."""
+        if self.signal is None:
+            return
+        self.p.dist.barrier()
+        error = Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}, after the run's final "
+                            f"checkpoint {saved or self.checkpoints.root}: its training is complete and {what}. "
+                            f"Resume with (it trains no further; it evaluates and writes the final metrics and "
+                            f"pictures):\n  {self.resume_command()}")
+        error.exit_code = 128 + self.signal
+        raise error
+
+    def resume_command(self) -> str:
+        """The command line that continues this run (train.py's own, with trainer.resume=<run dir>)."""
+        args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
+        return shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={self.run_dir}"])
+
+    def resume_hint(self) -> str:
+        """Where a run stopped without a checkpoint of its step continues from."""
+        last = self.checkpoints.step_files()
+        if not last:
+            return "no checkpoint was written before it: run the same command again."
+        return f"the last checkpoint is {last[-1]}. Resume with:\n  {self.resume_command()}"
 
     def _log(self, log: RunLogger, lrs: list[float], norms: dict[str, torch.Tensor], samples_per_s: float) -> None:
         p, task = self.p, self.p.task

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,7 @@ from trainer.checkpoint import CheckpointDir
 from trainer.dry_run import dry_run
 from trainer.errors import ConfigError, UserError
 from trainer.log import NullLogger, RunLogger, print_error, print_warning
-from trainer.loop import Trainer, build
+from trainer.loop import Interrupted, Trainer, build
 from trainer.run_dir import write_run_files
 from trainer.validate import validate
 
@@ -30,7 +31,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     A run directory belongs to one run: a resume continues the run whose checkpoint it loads (in its own directory
     or, from another run's checkpoint, in a fresh one), and a fresh start into a directory that holds another run
     is refused (trainer.existing_run=move_aside moves that run into previous_run_<n>/ first, and says so)."""
-    run_dir = Path(run_dir)
+    with stop_on_signals() as stop:
+        return _run(cfg, Path(run_dir), overrides, stop)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, stop: SimpleNamespace) -> dict[str, Any]:
     resume = cfg.trainer.resume
     if resume == "auto":
         found = find_run_to_resume(cfg, run_dir)
@@ -71,8 +76,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             if resumed and resumed["changes"]:
                 log.info("changed on resume: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
                                                             resumed["changes"].items()))
-            with stop_on_signals(trainer):
-                final = trainer.fit(log)
+            stop.trainer = trainer
+            final = trainer.fit(log)
+            stop.finished = True
             log.final_table(final)
         finally:
             log.close()
@@ -115,24 +121,41 @@ def move_aside(run_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM / SIGINT set a flag: the step in progress finishes, a checkpoint is written, the run exits with
-    128 + signal (143 / 130). A second signal gets the default behaviour (immediate stop)."""
+def stop_on_signals() -> Iterator[SimpleNamespace]:
+    """SIGTERM / SIGINT during a run. While it trains (`stop.trainer` set), the first signal sets `trainer.signal`:
+    the step in progress finishes, a checkpoint is written, the run exits with 128 + signal (143 / 130); so does the
+    final phase (see Trainer.fit). Before training begins, after the run finished (`stop.finished`), and at a second
+    signal, the run stops at once: an Interrupted error, one paragraph, no traceback."""
+    stop = SimpleNamespace(trainer=None, finished=False)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
     signums = (signal.SIGTERM, signal.SIGINT)
     previous = {s: signal.getsignal(s) for s in signums}
 
     def handler(signum: int, frame: Any) -> None:
-        trainer.signal = signum
-        for s in signums:
-            signal.signal(s, previous[s])
+        trainer = stop.trainer
+        if trainer is not None and trainer.signal is None and not stop.finished:
+            trainer.signal = signum
+            return
+        name = signal.Signals(signum).name
+        if stop.finished:
+            why = (f"stopped by {name} after the run finished (final_metrics.json and its last checkpoint are "
+                   "written): nothing is lost.")
+        elif trainer is None:
+            why = (f"stopped by {name} before training began: nothing was trained, and a checkpoint being resumed "
+                   "from is untouched. Run the same command again.")
+        else:
+            why = f"stopped at once by a second {name} at step {trainer.step}, without a checkpoint of it; " + \
+                trainer.resume_hint()
+        error = Interrupted(why)
+        error.exit_code = 128 + signum
+        raise error
 
     for s in signums:
         signal.signal(s, handler)
     try:
-        yield
+        yield stop
     finally:
         for s in signums:
             signal.signal(s, previous[s])
@@ -170,10 +193,14 @@ def main(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]
     """run() for the command line: a UserError prints one paragraph and exits, no traceback
     (HYDRA_FULL_ERROR=1 shows it anyway)."""
     try:
-        validate(cfg)  # every config error at once, before data or device are touched
-        if cfg.trainer.dry_run:
-            return dry_run(cfg)
-        return run(cfg, run_dir, overrides)
+        try:
+            validate(cfg)  # every config error at once, before data or device are touched
+            if cfg.trainer.dry_run:
+                return dry_run(cfg)
+            return run(cfg, run_dir, overrides)
+        except KeyboardInterrupt:  # Ctrl-C before run() took the signals over
+            raise Interrupted("stopped by SIGINT before training began: nothing was trained. Run the same command "
+                              "again.") from None
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -35,7 +35,7 @@ from rich.markup import escape
 from experiments.compare import probe as probing
 from experiments.compare import report
 from experiments.compare.plan import GRID, PER_TRIAL, ROOT, Plan, build_plan, format_lr, lr_multiplier
-from experiments.compare.runs import Interrupted, Result, Runner, make_trial
+from experiments.compare.runs import Interrupted, Result, Runner, WorkerDied, make_trial
 from experiments.compare.tuning import Point, Tuning, tune
 from trainer.errors import ConfigError, UserError
 from trainer.log import print_error
@@ -273,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         tuning, finals = run(plan, runner, trials_dir)
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt) as stopped:
         runner.close()
         done = sum(e["status"] == "finished" for e in runner.ledger.entries().values())
-        print_error(f"interrupted. {done} trials are finished in {runner.ledger.path}; a trial that was "
+        what = str(stopped) if isinstance(stopped, WorkerDied) else "interrupted."
+        print_error(f"{what} {done} trials are finished in {runner.ledger.path}; a trial that was "
                     "running starts again from the beginning. Continue with the same command:\n  "
                     + shlex.join(command))
-        return 130
+        return getattr(stopped, "exit_code", 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
     runner.close()

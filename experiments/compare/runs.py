@@ -18,9 +18,12 @@ Threads: a trial gets its share of the cores (cores // jobs) as torch's intra-op
 trial runs, not what it is: it stays out of the config (a different --jobs reuses the cache), and the command that
 reproduces a trial carries the threads it ran with as OMP_NUM_THREADS (trial.json in its directory).
 
-Ctrl-C: the run in progress finishes its step and is recorded as interrupted (it runs again from the start next
-time), then Interrupted is raised. Workers run in their own session, so the terminal's SIGINT reaches only
-compare, which sends each busy worker one SIGINT and waits for them.
+Ctrl-C: the run in progress finishes its step, or its final phase's current part, and is recorded as interrupted
+(it runs again from the start next time), then Interrupted is raised. Workers run in their own session, so the
+terminal's SIGINT reaches only compare, which sends each busy worker one SIGINT, reads its answer and tells it to
+exit (a second Ctrl-C sends a second SIGINT: the runs stop at once). A worker that dies without answering (SIGKILL,
+out of memory, a crash) raises WorkerDied, which names the trial and how it died; its trial is recorded as
+interrupted and runs again next time.
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ class Interrupted(UserError):
     """Ctrl-C or SIGTERM during a comparison: finished trials are in the ledger."""
 
     exit_code = 130
+
+
+class WorkerDied(Interrupted):
+    """A worker process ended without answering (killed, out of memory, crashed): the comparison stops; the trial it
+    ran is recorded in the ledger as interrupted and runs again next time."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -284,9 +294,8 @@ class Runner:
                     w = next(w for w in busy if w.conn is conn)
                     try:
                         ok = conn.recv()
-                    except (EOFError, OSError):  # the worker died (killed, out of memory): the ledger knows more
-                        ok = True
-                        self._replace(w)
+                    except (EOFError, OSError):  # the worker died: killed, out of memory, crashed
+                        raise self._died(w, trials[w.index]) from None
                     i, seconds = w.index, time.perf_counter() - w.started
                     w.index = None
                     results[i] = r = read_result(trials[i], self.ledger, self.metric, cached=False)
@@ -298,6 +307,9 @@ class Runner:
         except KeyboardInterrupt:
             self._stop()
             raise Interrupted("interrupted") from None
+        except WorkerDied:
+            self._stop()
+            raise
 
     def _report(self, r: Result, done: int, total: int, seconds: float) -> None:
         t = r.trial
@@ -329,20 +341,48 @@ class Runner:
         theirs.close()
         return _Worker(process, ours)
 
-    def _replace(self, w: _Worker) -> None:
-        with contextlib.suppress(Exception):
-            w.process.kill()
-        fresh = self._spawn()
-        w.process, w.conn = fresh.process, fresh.conn
+    def _died(self, w: _Worker, trial: Trial) -> WorkerDied:
+        """What ended worker `w` while it ran `trial`, recorded in the ledger (the trial runs again next time)."""
+        w.process.join(10)
+        self.workers.remove(w)
+        code = w.process.exitcode
+        if code is not None and code < 0:
+            how = f"killed by {signal.Signals(-code).name}" + (" (out of memory? the kernel's OOM killer sends it; "
+                                                                 "see dmesg)" if code == -signal.SIGKILL else "")
+        else:
+            how = f"exited with code {code}"
+        error = f"its worker process died, {how}"
+        self.ledger.append({"key": trial.key, "status": "interrupted", "overrides": trial.overrides,
+                            "run_dir": self.ledger.dirs().get(trial.key), "time_s": None, "error": error,
+                            "final": {}})
+        steps = sorted(trial.run_dir.glob("checkpoints/step-*.pt"))
+        where = f"its last checkpoint was {steps[-1]}" if steps else "it had written no checkpoint"
+        return WorkerDied(f"trial {trial.run_dir} ({trial.option}, {trial.phase}, seed {trial.seed}): {error}; "
+                          f"{where}. The comparison stopped.")
 
     def _stop(self) -> None:
-        """One SIGINT to every busy worker (the run writes its checkpoint and is recorded as interrupted), then
-        wait for all of them to exit."""
-        for w in self.workers:
-            if w.index is not None and w.process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.process.pid, signal.SIGINT)
-        self.close(timeout=120)
+        """One SIGINT to every busy worker: its run writes a checkpoint and is recorded as interrupted, or ends if it
+        had finished. Then every worker is told to exit and waited for."""
+        busy = [w for w in self.workers if w.index is not None and w.process.is_alive()]
+        for w in busy:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.process.pid, signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while busy and (left := deadline - time.monotonic()) > 0:
+            try:
+                ready = multiprocessing.connection.wait([w.conn for w in busy], timeout=left)
+            except KeyboardInterrupt:  # a second Ctrl-C: the runs stop at once too
+                for w in busy:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.process.pid, signal.SIGINT)
+                continue
+            for conn in ready:
+                w = next(w for w in busy if w.conn is conn)
+                with contextlib.suppress(EOFError, OSError):
+                    conn.recv()
+                w.index = None
+                busy.remove(w)
+        self.close(timeout=30)
 
     def close(self, timeout: float = 30) -> None:
         for w in self.workers:

@@ -118,6 +118,22 @@ def test_optuna_sweeper_with_the_joblib_launcher(mnist_root, tmp_path):
     assert float(summary["runs"][0]["params"]["optimizer.lr"]) == best["best_params"]["optimizer.lr"]
 
 
+def test_an_optuna_sweep_whose_every_trial_fails_prints_the_table_and_a_clear_error(tmp_path):
+    """Not Optuna's `ValueError: No trials are completed yet` and no table: each trial's error, a message, exit 1."""
+    sweep_dir = tmp_path / "optuna"
+    conf = Path(__file__).resolve().parent / "conf"
+    out = run_cli("-m", "sweep=optuna_lr_wd", "hydra.sweeper.n_trials=2", f"hydra.searchpath=[file://{conf}]",
+                  "task=compare_toy", "trainer.max_steps=2", "trainer.grad_accum=3", "trainer.progress=off",
+                  f"hydra.sweep.dir={sweep_dir}", env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "No trials are completed" not in out.stderr, out.stderr
+    assert "every one of the 2 trials of the Optuna study failed" in " ".join(out.stderr.split())
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 0, "failed": 2, "interrupted": 0}
+    assert all("trainer.grad_accum=3: must divide task.batch_size=16" in r["error"] for r in summary["runs"])
+    assert "2 runs, 2 failed" in out.stdout
+
+
 def _summary_rows(sweep_dir: Path) -> dict[str, dict]:
     """summary.json's rows by their optimizer override."""
     runs = json.loads((sweep_dir / "summary.json").read_text())["runs"]

@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, compose_cfg, data_root, run_cli
+from tests.conftest import ROOT, compose_cfg, need_data, run_cli
 from trainer.validate import validate
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
@@ -76,9 +76,7 @@ def test_recipe_values_sit_with_the_options_it_names(name):
 def test_every_recipe_runs_two_steps(tmp_path):
     """One test, not one per recipe: the multiruns are shared, and pytest-xdist would start them again on each
     worker that ran a recipe's test."""
-    root = data_root()
-    if root is None:
-        pytest.skip("MNIST not found: set KILN_DATA_ROOT to the folder holding MNIST/raw/")
+    root = need_data()
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for name in RECIPES:
         groups[_needs(name)].append(name)
