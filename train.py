@@ -10,7 +10,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.sweep import run_job  # also registers the ${kiln.direction:...} resolver the Optuna preset uses
 from trainer.cli_check import check_command_line
@@ -20,7 +20,7 @@ from trainer.run import main as run_main
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = OmegaConf.to_container(hc.overrides.task)  # as typed: `${...}` is resolved in the config only
     if hc.mode == RunMode.MULTIRUN:
         return run_job(cfg, hc.runtime.output_dir, overrides, hc.sweep.dir, run_main)
     final = run_main(cfg, hc.runtime.output_dir, overrides)
