@@ -561,8 +561,8 @@ def _check_cross_keys(cfg: DictConfig, p: Problems) -> None:
     if "trainer" not in cfg or "task" not in cfg or not isinstance(cfg.trainer, DictConfig):
         return
     t = cfg.trainer
-    if t.get("max_steps") is None and t.get("max_epochs") is None \
-            and not p.under(["trainer.max_steps", "trainer.max_epochs"]):
+    if not p.under(["trainer.max_steps", "trainer.max_epochs"]) \
+            and t.get("max_steps") is None and t.get("max_epochs") is None:
         p.add("trainer.max_steps", "trainer.max_steps=null, trainer.max_epochs=null: set one of them (an int >= 1)")
     batch, accum = _get(cfg, "task.batch_size", p), _get(cfg, "trainer.grad_accum", p)
     if is_int(batch) and is_int(accum) and batch % accum:
