@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.sweep  # noqa: F401  registers ${kiln.direction:...}, as train.py does
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, compose_cfg, run_cli
 from trainer.validate import problems
 
 UNSET = "KILN_TEST_UNSET_VARIABLE"
@@ -157,3 +157,19 @@ def test_overrides_are_recorded_as_typed(tmp_path):
         "optimizer.weight_decay=${optimizer.lr}"
     assert OmegaConf.load(tmp_path / "config.yaml").optimizer.weight_decay == \
         OmegaConf.load(tmp_path / "config.yaml").optimizer.lr
+
+
+def test_a_deleted_group_is_a_config_problem_wherever_the_config_comes_from():
+    """`~clip` composes (nothing interpolates it) and the run then fails reading cfg.clip; compare ran every trial
+    into that failure and exited 0."""
+    from experiments.compare.plan import build_plan
+    from trainer.errors import ConfigError
+
+    line = ("clip: missing (~clip?); a run needs one option of the group clip; pick an option: clip=<name> "
+            "(adaptive, agc, centralize, layer_scale, none, norm, normalize, soft, trust_ratio, value; conf/clip/)")
+    assert line in problems(compose_cfg("~clip"))
+    conf = ROOT / "tests" / "experiments" / "conf"
+    with pytest.raises(ConfigError) as e:
+        build_plan([f"hydra.searchpath=[file://{conf}]", "task=compare_toy", "optimizer=sgd,adam", "~clip"],
+                   seeds=2, screen=False, baseline=None, tune=[], evals=3, command=[])
+    assert f"[sgd] {line}" in str(e.value)

@@ -51,7 +51,7 @@ def unknown_keys(args: list[str]) -> list[str]:
             cfg = compose("train", overrides=[p for p in picks if not p.startswith("hydra")
                                               or p.startswith("hydra.searchpath=")])
     except HydraException:
-        return []  # an unknown option and the like: Hydra reports it with the list of choices
+        return deleted_groups(overrides)  # else an unknown option and the like: Hydra lists the choices
     problems = []
     for o in plain:
         parent_key, _, leaf = o.key_or_group.rpartition(".")

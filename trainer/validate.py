@@ -307,6 +307,12 @@ def _check_structure(cfg: DictConfig, p: Problems) -> None:
             continue
         if key not in TOP_LEVEL:
             p.add(str(key), f"{key}={fmt(_raw(cfg, key))}: unknown top-level key; {did_you_mean(str(key), TOP_LEVEL)}")
+    from trainer.cli_check import required_groups
+
+    for group, options in required_groups().items():
+        if group != "recipe" and group not in cfg:  # ~group: the trainer reads every one of them
+            p.add(group, f"{group}: missing (~{group}?); a run needs one option of the group {group}; pick an option: "
+                         f"{group}=<name> ({', '.join(options)}; conf/{group}/)")
     for group in TOP_LEVEL:
         if group not in cfg:
             continue
