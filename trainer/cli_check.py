@@ -181,20 +181,29 @@ def sweep_jobs(args: list[str]) -> tuple[list[list[str]], set[str]]:
 def sweep_unresolvable(args: list[str]) -> list[str]:
     """Every value that cannot be resolved in any job of a sweep, before the first job runs (each job would
     otherwise fail on its own and the sweep end with exit code 0). A job that does not compose is left to Hydra,
-    which names the option it cannot find."""
+    which names the option it cannot find. Jobs that differ only in plain values (an LR grid) are composed once:
+    a number or a word does not change which interpolations resolve."""
     from trainer.validate import unresolvable
 
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+
+    def shape(job: list[str]) -> tuple[str, ...]:
+        return tuple(x.split("=", 1)[0] if x.split("=", 1)[0].split("@")[0] not in groups and "{" not in x else x
+                     for x in job)
+
     found: dict[str, list[str]] = {}
+    checked: dict[tuple[str, ...], list[str] | None] = {}
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             jobs, swept = sweep_jobs(args)
             for job in jobs:
-                try:
-                    cfg = compose("train", overrides=job)
-                except HydraException:
-                    continue
+                if shape(job) not in checked:
+                    try:
+                        checked[shape(job)] = list(unresolvable(compose("train", overrides=job)).values())
+                    except HydraException:
+                        checked[shape(job)] = None
                 label = " ".join(re.sub(r"\\(.)", r"\1", x) for x in job if x.split("=", 1)[0] in swept)
-                for line in unresolvable(cfg).values():
+                for line in checked[shape(job)] or []:
                     found.setdefault(line, []).append(label)
     except HydraException:
         return []
