@@ -884,9 +884,12 @@ def _check_construction(cfg: DictConfig, p: Problems) -> None:
 
     total, spe = horizon_numbers(cfg, p)
     sched = cfg.get("schedule")
-    if total is not None and isinstance(sched, DictConfig) and not p.under(["schedule"]):
-        uses_epochs = any(isinstance(v, str) and v.strip().endswith("ep") for v in _leaves(sched))
-        if spe is not None or not uses_epochs:
+    if total is not None and isinstance(sched, DictConfig):
+        try:
+            uses_epochs = any(isinstance(v, str) and v.strip().endswith("ep") for v in _leaves(sched))
+        except Exception:
+            uses_epochs = None  # a value that does not resolve (reported in pass 0): nothing to build
+        if uses_epochs is not None and (spe is not None or not uses_epochs):
             from schedules import Horizon
 
             horizon = Horizon(total_steps=total, steps_per_epoch=spe or 1)
