@@ -1,7 +1,10 @@
 """Config validation before anything runs: every problem at once, each as `full.key=value: what is allowed`.
 
 `validate(cfg)` raises ConfigError (exit code 2) listing all problems, one per line; it never loads data and
-never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more). Four passes:
+never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more). First every value that cannot
+be resolved (`unresolvable`: a missing key, an unset environment variable, an unknown resolver, a resolver that
+raises, a reference cycle) with its expression, why and the fix; the passes below step around those keys. Then
+four passes:
 
 1. Keys and values. Every node with a `_target_` is bound against its target's signature (unknown key ->
    did-you-mean; a missing required argument of a non-partial target); groups without one (trainer,
