@@ -23,7 +23,7 @@ if __name__ == "__main__":  # Ctrl-C / SIGTERM while Python loads torch and Hydr
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.sweep import run_job  # also registers the ${kiln.direction:...} resolver the Optuna preset uses
 from trainer.cli_check import check_command_line
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = OmegaConf.to_container(hc.overrides.task)  # as typed: `${...}` is resolved in the config only
     if hc.mode == RunMode.MULTIRUN:
         return run_job(cfg, hc.runtime.output_dir, overrides, hc.sweep.dir, run_main)
     final = run_main(cfg, hc.runtime.output_dir, overrides)

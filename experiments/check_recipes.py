@@ -126,7 +126,8 @@ def declared(name: str, overrides: list[str]) -> tuple[dict[str, Any] | None, li
     expect = cfg.get("expect")
     if expect is None:
         return None, []
-    return OmegaConf.to_container(expect, resolve=True), [p for p in problems(cfg) if p.startswith("expect")]
+    bad = [p for p in problems(cfg) if p.startswith("expect")]
+    return OmegaConf.to_container(expect, resolve=not bad), bad  # a value that does not resolve is among `bad`
 
 
 def expectation(expect: dict[str, Any], version: str) -> Expectation:

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
         console.print(f"replayed with changes: {' '.join(args.overrides)}")
     saved = run_dir / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(saved))] if saved.is_file() else []
     try:
         validate(cfg)
         run(cfg, out, [*overrides, *args.overrides])

@@ -178,7 +178,7 @@ def job_dir(*, _root_: DictConfig) -> str:
     task_cfg = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
     if OmegaConf.select(task_cfg, "trainer.dry_run"):  # nothing trains: no ledger
         return num
-    overrides = list(hydra.overrides.task)
+    overrides = OmegaConf.to_container(hydra.overrides.task)  # as train.py reads them
     key = job_key(overrides, task_cfg)
     h = key_hash(key)
     candidates = [num, f"{num}-{h}", *(f"{num}-{h}-{i}" for i in range(2, 100))]

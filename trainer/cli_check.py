@@ -1,5 +1,6 @@
-"""The command line, checked before Hydra starts: unknown keys, options listed twice, a run folder that cannot be
-made. Reported like every other config error (all at once, did-you-mean, exit 2).
+"""The command line, checked before Hydra starts: unknown keys, options listed twice, a required group deleted
+(`~optimizer`), a run folder that cannot be made, and in a sweep (`-m`) every value of every job that cannot be
+resolved. Reported like every other config error (all at once, did-you-mean, exit 2).
 
 Hydra composes in struct mode and stops at the first override whose key is not in the config, with exit code 1
 and no suggestion. Before handing over to Hydra, train.py composes the config once with only the overrides that
@@ -16,6 +17,7 @@ where the run folder would go.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +51,7 @@ def unknown_keys(args: list[str]) -> list[str]:
             cfg = compose("train", overrides=[p for p in picks if not p.startswith("hydra")
                                               or p.startswith("hydra.searchpath=")])
     except HydraException:
-        return []  # an unknown option and the like: Hydra reports it with the list of choices
+        return deleted_groups(overrides)  # else an unknown option and the like: Hydra lists the choices
     problems = []
     for o in plain:
         parent_key, _, leaf = o.key_or_group.rpartition(".")
@@ -101,6 +103,33 @@ def given_twice(overrides: list[Override]) -> list[str]:
     return lines
 
 
+def required_groups() -> dict[str, list[str]]:
+    """The groups every run has an option of (train.yaml's defaults with a non-null default) -> their options.
+    `recipe` (null by default) is among them too: the defaults list interpolates it, so `~recipe` cannot compose."""
+    groups = {}
+    for entry in OmegaConf.load(CONF / "train.yaml").defaults:
+        if isinstance(entry, DictConfig) and len(entry) == 1:
+            group = str(next(iter(entry)))
+            if " " not in group and "@" not in group and (entry[group] is not None or group == "recipe"):
+                groups[group] = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return groups
+
+
+def deleted_groups(overrides: list[Override]) -> list[str]:
+    """`~optimizer`: a run needs one option of each required group (Hydra fails on its defaults list)."""
+    required = required_groups()
+    problems = []
+    for o in overrides:
+        group = o.key_or_group
+        if o.is_delete() and group in required:
+            if group == "recipe":
+                problems.append("~recipe: to run without a recipe, leave recipe out (or write recipe=null)")
+                continue
+            problems.append(f"~{group}: a run needs one option of the group {group}; pick an option: "
+                            f"{group}=<name> ({', '.join(required[group])}; conf/{group}/)")
+    return problems
+
+
 def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
     """Why the run (or sweep) folder cannot be created, or None. Only the part before the first interpolation
     (`runs/` of `runs/${now:...}`) can be checked before Hydra resolves it."""
@@ -130,6 +159,58 @@ def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
     return None
 
 
+def sweep_jobs(args: list[str]) -> tuple[list[list[str]], set[str]]:
+    """The override list of every job of `python train.py -m <args>`, as Hydra's basic sweeper makes them (its
+    `hydra.sweeper.params`, then the command line; globs over a group's options). A range the sweeper samples
+    (Optuna's interval) keeps its default: a number cannot make an interpolation fail."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    parser = OverridesParser.create(config_loader=loader)
+    fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    hydra_cfg = compose("train", overrides=fixed, return_hydra_config=True).hydra
+    params = hydra_cfg.sweeper.get("params")
+    params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
+    lines = [f"{k}={v}" for k, v in params.items()] + args
+    discrete = [o for o in parser.parse_overrides(lines) if not o.is_sweep_override() or o.is_discrete_sweep()]
+    swept = {o.get_key_element() for o in discrete if o.is_sweep_override()}
+    return [job for batch in BasicSweeper.split_arguments(discrete, None) for job in batch], swept
+
+
+def sweep_unresolvable(args: list[str]) -> list[str]:
+    """Every value that cannot be resolved in any job of a sweep, before the first job runs (each job would
+    otherwise fail on its own and the sweep end with exit code 0). A job that does not compose is left to Hydra,
+    which names the option it cannot find. Jobs that differ only in plain values (an LR grid) are composed once:
+    a number or a word does not change which interpolations resolve."""
+    from trainer.validate import unresolvable
+
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+
+    def shape(job: list[str]) -> tuple[str, ...]:
+        return tuple(x.split("=", 1)[0] if x.split("=", 1)[0].split("@")[0] not in groups and "{" not in x else x
+                     for x in job)
+
+    found: dict[str, list[str]] = {}
+    checked: dict[tuple[str, ...], list[str] | None] = {}
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            jobs, swept = sweep_jobs(args)
+            for job in jobs:
+                if shape(job) not in checked:
+                    try:
+                        checked[shape(job)] = list(unresolvable(compose("train", overrides=job)).values())
+                    except HydraException:
+                        checked[shape(job)] = None
+                label = " ".join(re.sub(r"\\(.)", r"\1", x) for x in job if x.split("=", 1)[0] in swept)
+                for line in checked[shape(job)] or []:
+                    found.setdefault(line, []).append(label)
+    except HydraException:
+        return []
+    return [line + ("" if len(where) == len(jobs) else f" (in the job{'s' * (len(where) > 1)}: {'; '.join(where)})")
+            for line, where in found.items()]
+
+
 def check_command_line(argv: list[str]) -> None:
     """Exit with code 2 listing every problem, before Hydra starts; print warnings for keys given twice. Unknown
     keys are checked for single runs only; --help, --cfg and the like are left to Hydra."""
@@ -140,10 +221,13 @@ def check_command_line(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return  # a syntax error: Hydra's own message says where
-    unknown = unknown_keys(args) if not flags else []
-    problems = listed_twice(overrides) + unknown
+    deleted = deleted_groups(overrides)
+    unknown = unknown_keys(args) if not flags and not deleted else []
+    problems = listed_twice(overrides) + deleted + unknown
     if not flags or multirun:
         problems += [x for x in [run_dir_problem(overrides, multirun)] if x]
+    if multirun and not problems:
+        problems += sweep_unresolvable(args)
     from trainer.log import print_error, print_warning
 
     for line in given_twice(overrides):

@@ -1,7 +1,10 @@
 """Config validation before anything runs: every problem at once, each as `full.key=value: what is allowed`.
 
 `validate(cfg)` raises ConfigError (exit code 2) listing all problems, one per line; it never loads data and
-never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more). Four passes:
+never allocates on a device (it asks torch whether CUDA/MPS exist, nothing more). First every value that cannot
+be resolved (`unresolvable`: a missing key, an unset environment variable, an unknown resolver, a resolver that
+raises, a reference cycle) with its expression, why and the fix; the passes below step around those keys. Then
+four passes:
 
 1. Keys and values. Every node with a `_target_` is bound against its target's signature (unknown key ->
    did-you-mean; a missing required argument of a non-partial target); groups without one (trainer,
@@ -123,6 +126,8 @@ def problems(cfg: DictConfig) -> list[str]:
     """Every problem in `cfg`, one line each ('full.key=value: what is allowed'); empty when valid."""
     p = Problems()
     try:
+        for key, line in unresolvable(cfg).items():
+            p.add(key, line)
         _check_structure(cfg, p)
         _check_cross_keys(cfg, p)
         _check_task_fit(cfg, p)
@@ -136,6 +141,166 @@ def problems(cfg: DictConfig) -> list[str]:
     return p.lines()
 
 
+# --- pass 0: values that cannot be resolved -------------------------------------------------------------
+
+
+def unresolvable(cfg: DictConfig, skip: Iterable[str] = ("hydra",)) -> dict[str, str]:
+    """Every value of `cfg` whose interpolation cannot be resolved (a missing key, an unset environment variable,
+    an unknown resolver, a resolver that raises, a reference cycle), wherever it came from: full key -> one line
+    `key=expression: cannot be resolved: why; fix`. The top-level keys in `skip` are left out (the `hydra` node is
+    resolved by Hydra itself, some of it only inside a run)."""
+    from omegaconf.errors import UnsupportedInterpolationType
+
+    failed: dict[str, tuple[str, Exception]] = {}
+
+    def walk(node: DictConfig | ListConfig, path: str) -> None:
+        for k in (node.keys() if isinstance(node, DictConfig) else range(len(node))):
+            full = f"{path}.{k}" if path else str(k)
+            if not path and k in skip:
+                continue
+            if OmegaConf.is_interpolation(node, k):
+                try:
+                    node[k]  # a value taken from elsewhere is checked where it is defined, not here again
+                except Exception as e:
+                    raw = str(node._get_node(k)._value())
+                    if not ("${hydra:" in raw and not _in_hydra_run()):  # known only inside a Hydra run
+                        failed[full] = (raw, e)
+                continue
+            child = node._get_node(k)
+            if isinstance(child, DictConfig | ListConfig) and not child._is_none() and not child._is_missing():
+                walk(child, full)
+
+    walk(cfg, "")
+    if any(isinstance(e, UnsupportedInterpolationType) for _, e in failed.values()) and _import_targets(cfg):
+        return unresolvable(cfg, skip)  # a task's module may register the resolver when it is imported
+    return {key: f"{key}={fmt(raw, 200)}: cannot be resolved: {_why(cfg, key, raw, e, failed)}"
+            for key, (raw, e) in failed.items()}
+
+
+def _import_targets(cfg: DictConfig) -> bool:
+    """Import the module of every `_target_` not imported yet (as constructing the config would); True when one
+    was."""
+    import sys
+
+    targets = [v for v in _targets(cfg) if isinstance(v, str) and "." in v]
+    new = False
+    for t in targets:
+        module = t.rpartition(".")[0]
+        if module not in sys.modules:
+            try:
+                importlib.import_module(module)
+                new = True
+            except Exception:
+                pass  # reported by pass 1 as a target that cannot be imported
+    return new
+
+
+def _targets(node: Any) -> Iterator[Any]:
+    """The raw values of every `_target_` key, without resolving anything."""
+    if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+        for k in node:
+            child = node._get_node(k)
+            if k == "_target_" and not OmegaConf.is_interpolation(node, k):
+                yield child._value()
+            else:
+                yield from _targets(child)
+    elif isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
+        for i in range(len(node)):
+            yield from _targets(node._get_node(i))
+
+
+def _in_hydra_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()
+
+
+def _references(key: str, raw: str) -> list[str]:
+    """The keys `raw` (the expression at `key`) refers to, absolute (`${.lr}` next to `optimizer.x` is
+    optimizer.lr)."""
+    out = []
+    for ref in re.findall(r"\$\{(\.*[A-Za-z_][\w.\[\]]*)\}", raw):
+        dots = len(ref) - len(ref.lstrip("."))
+        if dots:
+            base = key.split(".")[:-dots]
+            ref = ".".join([*base, ref.lstrip(".")])
+        out.append(ref)
+    return out
+
+
+_ABSENT = object()
+
+
+def _cycle(cfg: DictConfig, key: str) -> list[str] | None:
+    """key -> ... -> key through plain references, or None."""
+    def raw_at(k: str) -> str:
+        node: Any = cfg
+        try:
+            for part in k.split("."):
+                node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
+            return str(node._value())
+        except Exception:
+            return ""
+
+    def follow(k: str, seen: list[str]) -> list[str] | None:
+        for ref in _references(k, raw_at(k)):
+            if ref == key:
+                return [*seen, ref]
+            if ref not in seen:
+                found = follow(ref, [*seen, ref])
+                if found:
+                    return found
+        return None
+
+    return follow(key, [key])
+
+
+def _why(cfg: DictConfig, key: str, raw: str, e: Exception, failed: Mapping[str, Any] | None = None) -> str:
+    """Why the expression `raw` at `key` does not resolve, and the fix."""
+    from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Recursive interpolation" in text:
+        chain = _cycle(cfg, key)
+        loop = " -> ".join(chain) if chain else key
+        return f"a reference cycle ({loop}); give one of these keys a value"
+    broken = [r for r in _references(key, raw) if r in (failed or {})]
+    if broken:
+        return f"it refers to {broken[0]}, which cannot be resolved itself (see {broken[0]})"
+    env = re.search(r"Environment variable '([^']*)' not found", text)
+    if env:
+        name = env.group(1)
+        return (f"the environment variable {name} is not set; set it (export {name}=...) or give a default: "
+                f"${{oc.env:{name},<default>}}")
+    if isinstance(e, InterpolationKeyError):
+        absent = [r for r in _references(key, raw) if OmegaConf.select(cfg, r, default=_ABSENT,
+                                                                         throw_on_resolution_failure=False) is _ABSENT]
+        named = re.search(r"key '([^']*)'", text)
+        ref = absent[0] if absent else named.group(1) if named else text
+        parent, _, leaf = ref.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False) if parent else cfg
+        keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, keys, n=1)
+        hint = (f"did you mean ${{{parent + '.' if parent else ''}{close[0]}}}?" if close
+                else "refer to a key the config has (python train.py --cfg job lists them)")
+        return f"the config has no key {ref}; {hint}"
+    if isinstance(e, InterpolationToMissingValueError):
+        target = next(iter(_references(key, raw)), "the key it refers to")
+        return f"it refers to {target}, which has no value (???); set {target}"
+    if isinstance(e, UnsupportedInterpolationType):
+        name = text.rsplit(" ", 1)[-1]
+        from omegaconf.basecontainer import BaseContainer
+
+        known = sorted(getattr(BaseContainer, "_resolvers", {}))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"the resolvers here: {', '.join(known)}"
+        return f"no resolver is named {name!r}; {hint}"
+    resolver = re.match(r"\$\{([\w.]+):", raw)
+    cause = re.sub(r"^(\w+) raised while resolving interpolation: ", r"\1: ", text)
+    what = f"the resolver {resolver.group(1)} failed" if resolver else "resolving it failed"
+    return f"{what} ({cause}); fix the expression"
+
+
 # --- pass 1: keys and values -----------------------------------------------------------------------------
 
 
@@ -145,6 +310,12 @@ def _check_structure(cfg: DictConfig, p: Problems) -> None:
             continue
         if key not in TOP_LEVEL:
             p.add(str(key), f"{key}={fmt(_raw(cfg, key))}: unknown top-level key; {did_you_mean(str(key), TOP_LEVEL)}")
+    from trainer.cli_check import required_groups
+
+    for group, options in required_groups().items():
+        if group != "recipe" and group not in cfg:  # ~group: the trainer reads every one of them
+            p.add(group, f"{group}: missing (~{group}?); a run needs one option of the group {group}; pick an option: "
+                         f"{group}=<name> ({', '.join(options)}; conf/{group}/)")
     for group in TOP_LEVEL:
         if group not in cfg:
             continue
@@ -201,9 +372,8 @@ def _usable(node: DictConfig, key: Any, full: str, p: Problems) -> bool:
     try:
         node[key]
     except Exception as e:
-        raw = node._get_node(key)._value()
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        p.add(full, f"{full}={fmt(raw)}: cannot be resolved ({msg})")
+        raw = str(node._get_node(key)._value())
+        p.add(full, f"{full}={fmt(raw, 200)}: cannot be resolved: {_why(node._get_root(), full, raw, e)}")
         return False
     return True
 
@@ -212,6 +382,8 @@ def _check_node(node: DictConfig, path: str, p: Problems, closed: Sequence[str] 
     """One config node: its keys against its target's signature (or the closed key list), then every value."""
     target, hints = None, {}
     if "_target_" in node:
+        if p.under([f"{path}._target_"]):
+            return  # the target does not resolve (pass 0)
         info = _target_info(node, path, p)
         if info is None:
             return  # the target itself is wrong: its keys cannot be judged
@@ -228,6 +400,8 @@ def _check_node(node: DictConfig, path: str, p: Problems, closed: Sequence[str] 
             p.add(full, f"{full}={fmt(_raw(node, key))}: unknown key for {target}; "
                         f"{did_you_mean(key, set(names) - SUPPLIED)}")
             continue
+        if p.under([full]):
+            continue  # a value that does not resolve (pass 0), or below one
         if OmegaConf.is_interpolation(node, key):
             _usable(node, key, full, p)  # its value is checked where it is defined
             continue
@@ -361,9 +535,9 @@ def _get(cfg: DictConfig, key: str, p: Problems) -> Any:
         return None
     try:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
     except Exception:
-        return None
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+        return None  # a value inside does not resolve: reported in pass 0
 
 
 def train_size(cfg: DictConfig, p: Problems | None = None) -> int | None:
@@ -396,8 +570,8 @@ def _check_cross_keys(cfg: DictConfig, p: Problems) -> None:
     if "trainer" not in cfg or "task" not in cfg or not isinstance(cfg.trainer, DictConfig):
         return
     t = cfg.trainer
-    if t.get("max_steps") is None and t.get("max_epochs") is None \
-            and not p.under(["trainer.max_steps", "trainer.max_epochs"]):
+    if not p.under(["trainer.max_steps", "trainer.max_epochs"]) \
+            and t.get("max_steps") is None and t.get("max_epochs") is None:
         p.add("trainer.max_steps", "trainer.max_steps=null, trainer.max_epochs=null: set one of them (an int >= 1)")
     batch, accum = _get(cfg, "task.batch_size", p), _get(cfg, "trainer.grad_accum", p)
     if is_int(batch) and is_int(accum) and batch % accum:
@@ -714,8 +888,11 @@ def _check_construction(cfg: DictConfig, p: Problems) -> None:
     total, spe = horizon_numbers(cfg, p)
     sched = cfg.get("schedule")
     if total is not None and isinstance(sched, DictConfig):
-        uses_epochs = any(isinstance(v, str) and v.strip().endswith("ep") for v in _leaves(sched))
-        if spe is not None or not uses_epochs:
+        try:
+            uses_epochs = any(isinstance(v, str) and v.strip().endswith("ep") for v in _leaves(sched))
+        except Exception:
+            uses_epochs = None  # a value that does not resolve (reported in pass 0): nothing to build
+        if uses_epochs is not None and (spe is not None or not uses_epochs):
             from schedules import Horizon
 
             horizon = Horizon(total_steps=total, steps_per_epoch=spe or 1)
@@ -868,4 +1045,4 @@ def oddities(cfg: DictConfig) -> list[str]:
 
 
 __all__ = ["ConfigError", "effective_device", "fmt", "horizon_numbers", "oddities", "problems", "train_size",
-           "validate"]
+           "unresolvable", "validate"]

@@ -222,7 +222,7 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
     from hydra.errors import HydraException
 
     from trainer.cli_check import unknown_keys
-    from trainer.validate import did_you_mean, problems
+    from trainer.validate import did_you_mean, problems, unresolvable
 
     axis, values, shared, bad = split_axis(args)
     if bad:
@@ -292,6 +292,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         known[value] = problems(cfg)
         for p in known[value]:
             add(p if len(values) == 1 else f"[{value}] {p}")
+        if unresolvable(cfg):
+            continue  # reported above; what follows reads values
         lr = OmegaConf.select(cfg, LR_KEY, default=None)
         if not screen and not isinstance(lr, (int, float)):
             add(f"[{value}] {LR_KEY}: compare tunes it, but this option has none (--screen runs defaults only)")
