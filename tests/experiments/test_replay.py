@@ -22,7 +22,7 @@ def test_a_cpu_run_replays_bit_for_bit(mnist_root, tmp_path):
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert "MATCH" in replay.stdout and "bit for bit" in replay.stdout
     a, b = (json.loads((d / "final_metrics.json").read_text()) for d in (run_dir, out_dir))
-    for timing in ("wall_time_s", "train_time_s"):
+    for timing in ("wall_time_s", "session_wall_time_s", "train_time_s"):
         a.pop(timing), b.pop(timing)
     assert a == b and a["step"] == 5
     losses = [[json.loads(line).get("train/loss") for line in (d / "metrics.jsonl").read_text().splitlines()]
