@@ -139,7 +139,9 @@ def build(cfg: DictConfig) -> Parts:
 class Interrupted(UserError):
     """SIGTERM / SIGINT: the run stopped (after a checkpoint, unless it says otherwise). Exit code 128 + signal."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class NonFiniteError(UserError):
@@ -325,11 +327,8 @@ class Trainer:
         try:
             return self._fit(log)
         except BadSampleError as e:  # a broken file met mid-run: fixed, the run resumes from its last checkpoint
-            last = self.checkpoints.step_files()
-            how = (f"the last checkpoint is {last[-1]}. Once the data are fixed, resume with:\n  "
-                   f"{self.resume_command()}" if last else
-                   "no checkpoint was written before it: once the data are fixed, run the same command again.")
-            raise type(e)(f"{e}\nStopped at step {self.step}; {how}") from None
+            raise type(e)(f"{e}\nStopped at step {self.step}; {self.resume_hint('once the data are fixed, ')}") \
+                from None
 
     def _fit(self, log: RunLogger) -> dict[str, Any]:
         p = self.p
@@ -548,34 +547,31 @@ class Trainer:
         """After a SIGTERM / SIGINT: a checkpoint of this step, then Interrupted with the command that resumes."""
         path = self.save()
         self.p.dist.barrier()
-        error = Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{where}; checkpoint "
-                            f"{path or self.run_dir}. Resume with:\n  {self.resume_command()}")
-        error.exit_code = 128 + self.signal
-        raise error
+        raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{where}; checkpoint "
+                          f"{path or self.run_dir}. Resume with:\n  {self.resume_command()}", self.signal)
 
     def _stop_if_signalled(self, saved: Path | None, what: str) -> None:
         """A signal after the final checkpoint was written: the run's training is complete; say what is left."""
         if self.signal is None:
             return
         self.p.dist.barrier()
-        error = Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}, after the run's final "
-                            f"checkpoint {saved or self.checkpoints.root}: its training is complete and {what}. "
-                            f"Resume with (it trains no further; it evaluates and writes the final metrics and "
-                            f"pictures):\n  {self.resume_command()}")
-        error.exit_code = 128 + self.signal
-        raise error
+        raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}, after the run's final "
+                          f"checkpoint {saved or self.checkpoints.root}: its training is complete and {what}. "
+                          f"Resume with (it trains no further; it evaluates and writes the final metrics and "
+                          f"pictures):\n  {self.resume_command()}", self.signal)
 
     def resume_command(self) -> str:
         """The command line that continues this run (train.py's own, with trainer.resume=<run dir>)."""
         args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
         return shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={self.run_dir}"])
 
-    def resume_hint(self) -> str:
-        """Where a run stopped without a checkpoint of its step continues from."""
+    def resume_hint(self, once: str = "") -> str:
+        """Where a run stopped without a checkpoint of its step continues from (`once`: what must happen first)."""
         last = self.checkpoints.step_files()
         if not last:
-            return "no checkpoint was written before it: run the same command again."
-        return f"the last checkpoint is {last[-1]}. Resume with:\n  {self.resume_command()}"
+            return f"no checkpoint was written before it: {once}run the same command again."
+        then = f"{once[:1].upper()}{once[1:]}resume" if once else "Resume"
+        return f"the last checkpoint is {last[-1]}. {then} with:\n  {self.resume_command()}"
 
     def _log(self, log: RunLogger, lrs: list[float], norms: dict[str, torch.Tensor], samples_per_s: float) -> None:
         p, task = self.p, self.p.task

@@ -148,9 +148,7 @@ def stop_on_signals() -> Iterator[SimpleNamespace]:
         else:
             why = f"stopped at once by a second {name} at step {trainer.step}, without a checkpoint of it; " + \
                 trainer.resume_hint()
-        error = Interrupted(why)
-        error.exit_code = 128 + signum
-        raise error
+        raise Interrupted(why, signum)
 
     for s in signums:
         signal.signal(s, handler)
