@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [i for i in args.items if "=" not in i] or recipe_names()
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").is_file()]
     if unknown:
-        from trainer.log import print_error
+        from core.log import print_error
         from trainer.validate import did_you_mean
 
         print_error("; ".join(f"unknown recipe {n!r}: {did_you_mean(n, recipe_names())}" for n in unknown))
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     version = "full" if args.full else "short"
     out = args.out or ROOT / "runs" / "check_recipes" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if out.is_dir() and any(out.iterdir()):  # a folder holds one check: its check.json and runs stay as they were
-        from trainer.log import print_error
+        from core.log import print_error
 
         what = "a previous check (check.json)" if (out / "check.json").is_file() else "other files"
         print_error(f"--out {out} holds {what}; give another --out (without --out, a new folder named by the "
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from trainer.log import print_error
+        from core.log import print_error
 
         print_error(f"--out {out}: cannot create it ({e.strerror}); give a folder you can write in")
         return 2

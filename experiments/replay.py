@@ -94,7 +94,7 @@ def starting_point(run_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None
     """Where the replay starts: (checkpoint or None for step 0, its step, why). A run that began from another run's
     checkpoint, or whose config changed at a resume, is replayed from the exact bytes that segment started from
     (its kept copy, checked against the sha256 the manifest recorded); any other run from step 0."""
-    from trainer.errors import UserError
+    from core.errors import UserError
 
     start, resumes = manifest.get("start") or {"step": 0}, manifest.get("resumes") or []
     changed = [r for r in resumes if r.get("changes")]
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
 
-    from trainer.errors import UserError
-    from trainer.log import print_error
+    from core.errors import UserError
+    from core.log import print_error
     from trainer.run import run
     from trainer.validate import validate
 

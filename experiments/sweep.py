@@ -45,8 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from trainer.errors import UserError
-from trainer.log import print_error
+from core.errors import UserError
+from core.log import print_error
 
 LEDGER = "ledger.jsonl"
 STATUS = "status.json"

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from core import figures
 from schedules.horizon import Horizon
-from trainer import figures
 from trainer.validate import train_size
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

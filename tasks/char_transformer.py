@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.base import Task
+from core.errors import DataError, DataNotFoundError
+from core.task import Task
 from tasks.gpt import GPT, NormFactory
-from trainer.errors import DataError, DataNotFoundError
 
 
 def read_text(path: str | Path) -> str:

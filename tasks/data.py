@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import DataError, DataNotFoundError
+from core.errors import DataError, DataNotFoundError
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")

@@ -10,7 +10,7 @@ Everything comes from config (conf/task/image_classification.yaml):
   the training split lacks is refused).
 - `train_transform` / `eval_transform`: lists of torchvision.transforms.v2 transforms, applied to each image inside
   the loader's workers after ToImage (PIL -> uint8 tensor). Their randomness is seeded per sample by the trainer
-  (trainer/batches.py), so augmentation is the same for any number of workers and survives resume exactly. Batches
+  (core/batches.py), so augmentation is the same for any number of workers and survives resume exactly. Batches
   travel as uint8 (a quarter of float32's bytes) and are scaled to [0, 1] and normalised (mean, std) on the device.
 - `image_size`: the height and width the default transforms crop to (checked on one evaluation image).
 - `model`: any callable taking torchvision's builder arguments: `num_classes` (always set), `norm_layer` (set when a
@@ -43,10 +43,11 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.base import Task
-from trainer import figures
-from trainer.batches import DataLoading
-from trainer.errors import BadSampleError, ConfigError, DataError, DataNotFoundError, UserError
+from core import figures
+from core.batches import DataLoading
+from core.errors import BadSampleError, ConfigError, DataError, DataNotFoundError, UserError
+from core.log import print_warning
+from core.task import Task
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -272,7 +273,6 @@ class ImageClassification(Task):
                 test_idx, bad = self._decodable(test_base, test_idx)
                 skipped += bad
             if skipped:
-                from trainer.log import print_warning
 
                 print_warning(f"task.bad_images=skip: left out {len(skipped)} image(s) that fail to decode: "
                               + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
@@ -331,7 +331,6 @@ class ImageClassification(Task):
                 f"{names(extra)}" + (f" (it also lacks {lacks})" if missing else "") + ". A model of the training "
                 "split's classes cannot score them: give the split only class folders the training split has (the "
                 "same names), or add those classes to the training split.")
-        from trainer.log import print_warning
 
         print_warning(f"{where} has no images of {lacks}; its labels follow the training split's classes by name.")
         return [index[c] for c in theirs]

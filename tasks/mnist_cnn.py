@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.base import Task
+from core.task import Task
 from tasks.data import load_mnist
 from tasks.norm import norm_layer
 

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.base import Task
+from core import figures
+from core.task import Task
 from tasks.data import holdout_split, load_mnist
 from tasks.norm import norm_layer
-from trainer import figures
 
 NormFactory = Callable[[int], nn.Module]
 

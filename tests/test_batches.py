@@ -1,4 +1,4 @@
-"""The DataLoader path (trainer/batches.py): a step's batch is a pure function of (seed, step), augmentation included,
+"""The DataLoader path (core/batches.py): a step's batch is a pure function of (seed, step), augmentation included,
 whatever the number of workers, ranks or micro-batches; loading never moves the training RNG."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.batches import StepBatchSampler
+from core.sampler import EpochSampler
 from tests.conftest import compose_cfg
-from trainer.batches import StepBatchSampler
 from trainer.distributed import Dist
 from trainer.loop import build
-from trainer.sampler import EpochSampler
 
 
 def digits_cfg(folder, *overrides):

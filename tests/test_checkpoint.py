@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
+from core.errors import UserError
 from trainer.checkpoint import CheckpointDir, atomic_save, load_checkpoint, resolve_resume_path
-from trainer.errors import UserError
 
 
 def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

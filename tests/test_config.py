@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import ConfigError
 from tests.conftest import ROOT, compose_cfg, run_cli
-from trainer.errors import ConfigError
 from trainer.loop import Trainer, build
 
 GROUPS = ["optimizer", "schedule", "norm", "clip", "amp", "early_stop", "task", "regularize", "trainer"]

@@ -14,11 +14,11 @@ import math
 import pytest
 import torch
 
+from core.log import NullLogger
 from tests.conftest import compose_cfg
 from tests.test_faults import inf_grad_cfg
 from tests.test_loop import params
 from trainer.checkpoint import load_checkpoint
-from trainer.log import NullLogger
 from trainer.loop import NonFiniteError, Trainer, build
 
 

@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
+from core.sampler import EpochSampler
 from tests.conftest import ROOT, compose_cfg, run_cli
 from tests.test_loop import line_cfg, params
 from trainer.checkpoint import CheckpointDir, load_checkpoint
 from trainer.loop import NonFiniteError, Trainer
 from trainer.run import run
-from trainer.sampler import EpochSampler
 
 
 def poisoned_step(seed: int = 0, index: int = 5, size: int = 64, batch: int = 4) -> int:

@@ -23,12 +23,12 @@ from matplotlib.transforms import Bbox
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from core import figures
 from experiments.compare import figures as compare_figures
 from schedules import plot as schedule_plot
 from tasks.image_classification import ImageClassification
 from tasks.mnist_vae import MnistVAE
 from tests.conftest import ROOT
-from trainer import figures
 
 matplotlib.use("Agg")
 MIN_PIXELS = 9  # the smallest text height we call readable: 7 pt at 100 dpi is 9.7 px
@@ -188,11 +188,11 @@ def test_the_compare_figures_fit(drawn, tmp_path):
     assert_fit(drawn, names)
 
 
-def test_every_figure_is_made_and_written_through_trainer_figures():
+def test_every_figure_is_made_and_written_through_core_figures():
     """So that a new figure gets the same guarantee: no figure made, saved or logged around the helper."""
     around = re.compile(r"plt\.(subplots|figure)\(|tight_layout|(?<!figures)\.(savefig|add_figure)\(")
     sources = [p for p in ROOT.rglob("*.py") if not {"tests", ".venv", "runs", "outputs", "multirun"} & set(
-        p.relative_to(ROOT).parts) and p != ROOT / "trainer" / "figures.py"]
+        p.relative_to(ROOT).parts) and p != ROOT / "core" / "figures.py"]
     found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sources
              for i, line in enumerate(p.read_text().splitlines(), 1) if around.search(line)]
     assert len(sources) > 50 and not found, "\n".join(found)

@@ -115,8 +115,8 @@ def test_a_sweep_checks_every_job_before_the_first_runs(tmp_path):
 
 
 def test_a_compare_axis_is_refused_before_anything_runs(tmp_path):
+    from core.errors import ConfigError
     from experiments.compare.plan import build_plan
-    from trainer.errors import ConfigError
 
     conf = ROOT / "tests" / "experiments" / "conf"
     args = [f"hydra.searchpath=[file://{conf}]", "task=compare_toy", f"optimizer.lr=0.1,${{oc.env:{UNSET}}}"]
@@ -162,8 +162,8 @@ def test_overrides_are_recorded_as_typed(tmp_path):
 def test_a_deleted_group_is_a_config_problem_wherever_the_config_comes_from():
     """`~clip` composes (nothing interpolates it) and the run then fails reading cfg.clip; compare ran every trial
     into that failure and exited 0."""
+    from core.errors import ConfigError
     from experiments.compare.plan import build_plan
-    from trainer.errors import ConfigError
 
     line = ("clip: missing (~clip?); a run needs one option of the group clip; pick an option: clip=<name> "
             "(adaptive, agc, centralize, layer_scale, none, norm, normalize, soft, trust_ratio, value; conf/clip/)")

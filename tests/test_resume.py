@@ -11,9 +11,9 @@ import signal
 
 import pytest
 
+from core.errors import ConfigError, UserError
 from tests.test_loop import line_cfg
 from trainer.checkpoint import load_checkpoint
-from trainer.errors import ConfigError, UserError
 from trainer.loop import Interrupted, Trainer
 from trainer.run import run
 

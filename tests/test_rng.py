@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.log import NullLogger
 from tests.test_loop import line_cfg
-from trainer.log import NullLogger
 from trainer.loop import Trainer, build
 from trainer.rng import rng_state, seed_everything, set_rng_state
 

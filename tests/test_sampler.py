@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.sampler import EpochSampler
+from core.sampler import EpochSampler
 
 
 def test_each_epoch_is_a_permutation_and_batches_tile_it():

@@ -1,4 +1,4 @@
-"""The task protocol (tasks/base.py) is checked, not trusted: a loss that is not per-sample, an evaluate() that does not
+"""The task protocol (core/task.py) is checked, not trusted: a loss that is not per-sample, an evaluate() that does not
 return metrics, a task without batch_size and a monitored metric the task never reports stop with a message that
 names the rule and the fix (exit 2, no traceback), before a step is wasted."""
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tasks.base import Task
+from core.errors import TaskError
+from core.task import Task
 from tests.conftest import compose_cfg
-from trainer.errors import TaskError
 from trainer.run import main, run
 
 CONTRACT = "Per-sample training losses, shape [batch]"
@@ -83,7 +83,7 @@ def test_a_batch_mean_loss_is_refused_on_both_paths_with_grad_accum(tmp_path, ca
     err = exits_2(fit_cfg(f"trainer.grad_accum={accum}", form="mean", loader=loader), tmp_path, capsys)
     assert f"{__name__}.Fit.loss returned a scalar for a micro-batch of {micro} samples" in err
     assert f"task.batch_size=8 / trainer.grad_accum={accum}" in err if accum > 1 else "task.batch_size=8)" in err
-    assert f'tasks/base.py: loss returns "{CONTRACT}' in err
+    assert f'core/task.py: loss returns "{CONTRACT}' in err
     assert f"1/{micro} of the gradient" in err and "per_sample.mean()" in err
 
 
@@ -185,7 +185,7 @@ def test_grad_accum_with_batchnorm_warns_once_at_start(tmp_path, capsys):
 
 
 def test_ddp_ranks_with_batchnorm_are_warned_about_too():
-    from trainer.protocol import batchnorm_warning
+    from core.protocol import batchnorm_warning
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     said = batchnorm_warning(model, batch_size=64, grad_accum=1, world=4)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.base import Task
+from core.task import Task
 
 
 class Scalar(nn.Module):

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from trainer.errors import ConfigError
+from core.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 _STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 

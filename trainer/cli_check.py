@@ -228,7 +228,7 @@ def check_command_line(argv: list[str]) -> None:
         problems += [x for x in [run_dir_problem(overrides, multirun)] if x]
     if multirun and not problems:
         problems += sweep_unresolvable(args)
-    from trainer.log import print_error, print_warning
+    from core.log import print_error, print_warning
 
     for line in given_twice(overrides):
         print_warning(line)

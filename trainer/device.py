@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from trainer.errors import ConfigError
+from core.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -28,21 +28,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from core import protocol
+from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
+from core.errors import BadSampleError, ConfigError, UserError
+from core.log import RunLogger, print_warning
+from core.sampler import SAMPLERS, EpochSampler, RandomSampler
+from core.task import Task
 from optim.param_groups import config_param_groups
 from optim.transforms import Chain, global_norm
 from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import CoupledWeightDecay, coupled_weight_decay
 from schedules import Horizon, build_scheduler
-from tasks.base import Task
-from trainer import distributed, protocol, resume
-from trainer.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
+from trainer import distributed, resume
 from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
 from trainer.device import resolve_device, set_threads
 from trainer.early_stop import EarlyStopping
-from trainer.errors import BadSampleError, ConfigError, UserError
-from trainer.log import RunLogger, print_warning
 from trainer.rng import fork_rng, rank_seed, rng_state, seed_everything, set_rng_state
-from trainer.sampler import SAMPLERS, EpochSampler, RandomSampler
 
 # A skipped step (non-finite, or an fp16 batch given up) still advances the schedule: the data and the LR move on
 # together. LambdaLR warns about that when the very first optimizer step is the one skipped; it is intended here.

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trainer.errors import ConfigError, UserError
+from core.errors import ConfigError, UserError
 
 # Keys that may change on resume (fnmatch patterns on the dotted key). Everything else breaks exactness.
 LEGITIMATE = (

@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.errors import ConfigError, UserError
+from core.log import NullLogger, RunLogger, print_error, print_warning
 from trainer import distributed
 from trainer.checkpoint import CheckpointDir
 from trainer.dry_run import dry_run
-from trainer.errors import ConfigError, UserError
-from trainer.log import NullLogger, RunLogger, print_error, print_warning
 from trainer.loop import Interrupted, Trainer, build
 from trainer.run_dir import write_run_files
 from trainer.validate import validate

@@ -145,7 +145,7 @@ def _short_ok(v: Any) -> bool:
 
 
 # trainer.seed: torch generators take seeds in [-2**63, 2**64) (ValueError beyond), and the samplers seed theirs
-# with seed * 1000003 + step (trainer/sampler.py), so the seed must leave that product room below 2**64: 2**44 - 1
+# with seed * 1000003 + step (core/sampler.py), so the seed must leave that product room below 2**64: 2**44 - 1
 # leaves 8e17 steps. Python's random takes any int and numpy gets seed % 2**32 (trainer/rng.py). Negative seeds are
 # refused: torch would wrap -1 to 2**64 - 1, another run's seed.
 SEED_MAX = 2**44 - 1

@@ -17,7 +17,7 @@ four passes:
    training images less the validation split); a val_* monitor needs a validation split (task.val_size > 0);
    early stopping / plateau need evaluations during the run (a non-zero interval); augmentation needs a task that
    takes it; n_embd divisible by n_head. What the task declares (its class attributes `norms`, `eval_metrics`,
-   `test_metrics`, tasks/base.py): the norm is one its model can use; the metrics that early stopping, plateau,
+   `test_metrics`, core/task.py): the norm is one its model can use; the metrics that early stopping, plateau,
    monitor and expect name are ones it reports, watched the right way (min/max). Lookahead does not wrap
    lookahead. Paths are of the right kind (data.root a folder, text_path a file) and trainer.resume exists.
 3. The machine: the device exists; fp16 autocast needs a GPU; torch.compile needs Dynamo support, a C++
@@ -48,7 +48,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.errors import ConfigError
+from core.errors import ConfigError
+from core.protocol import interpolated_from
 from trainer.schema import CLOSED_GROUPS, MNIST_TRAIN, TOP_LEVEL, closed_keys, duration_ok, is_int, matching_rule
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -114,7 +115,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"the config has {n} problem{'s' * (n > 1)}:\n" + "\n".join(f"  {x}" for x in lines)
                           + "\nFix them on the command line (key=value) or in the YAML; "
                           "HYDRA_FULL_ERROR=1 shows a traceback.")
-    from trainer.log import print_warning
+    from core.log import print_warning
 
     for line in oddities(cfg):
         if line not in _WARNED:
@@ -631,16 +632,6 @@ def _task_class(cfg: DictConfig, p: Problems) -> type | None:
     return obj if inspect.isclass(obj) else None
 
 
-def _interpolated_from(cfg: DictConfig, key: str) -> list[str]:
-    """The keys `key`'s value interpolates (`${monitor.metric}` -> ['monitor.metric']); [] for a plain value."""
-    parent_key, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-    if not isinstance(parent, DictConfig) or leaf not in parent or not OmegaConf.is_interpolation(parent, leaf):
-        return []
-    raw = parent._get_node(leaf)._value()
-    return _INTERP.findall(raw) if isinstance(raw, str) else []
-
-
 def _check_task_fit(cfg: DictConfig, p: Problems) -> None:
     """The norm and the metrics the config names, against what the task class declares (no data loaded)."""
     cls = _task_class(cfg, p)
@@ -648,7 +639,7 @@ def _check_task_fit(cfg: DictConfig, p: Problems) -> None:
         return
     task = f"{cls.__module__}.{cls.__qualname__}"
     norms, kind = getattr(cls, "norms", None), _get(cfg, "norm.kind", p)
-    if norms and isinstance(kind, str) and kind not in norms:
+    if norms is not None and isinstance(kind, str) and kind not in norms:
         p.add("norm.kind", f"norm.kind={fmt(kind)} (norm={kind}): the task {task} cannot use it; it takes "
                            + ", ".join(f"norm={k}" for k in norms))
     batch, accum = _get(cfg, "task.batch_size", p), _get(cfg, "trainer.grad_accum", p)
@@ -682,14 +673,14 @@ def _check_task_fit(cfg: DictConfig, p: Problems) -> None:
 def _check_metric(cfg: DictConfig, p: Problems, task: str, key: str, allowed: Mapping[str, str],
                   every: Mapping[str, str], who: str) -> None:
     """`key` names one of `allowed` (metric -> min | max), and its sibling `mode` key agrees with the metric."""
-    if p.under(_interpolated_from(cfg, key)):
+    if p.under(interpolated_from(cfg, key)):
         return  # the key it interpolates is reported already
     metric = _get(cfg, key, p)
     if not isinstance(metric, str):
         return
     name = metric[5:] if metric.startswith("eval/") and metric[5:] in allowed and key == "schedule.monitor" \
         else metric
-    via = "".join(f" (from ${{{r}}})" for r in _interpolated_from(cfg, key))
+    via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, key))
     if name not in allowed:
         if name in every:
             why = f"the task {task} scores {metric} once, at the end, not at each evaluation"
@@ -703,9 +694,9 @@ def _check_metric(cfg: DictConfig, p: Problems, task: str, key: str, allowed: Ma
         return
     mode_key = key.rsplit(".", 1)[0] + ".mode"
     mode = _get(cfg, mode_key, p)
-    if mode in ("min", "max") and mode != allowed[name] and not p.under(_interpolated_from(cfg, mode_key)):
+    if mode in ("min", "max") and mode != allowed[name] and not p.under(interpolated_from(cfg, mode_key)):
         better = "lower" if allowed[name] == "min" else "higher"
-        via = "".join(f" (from ${{{r}}})" for r in _interpolated_from(cfg, mode_key))
+        via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, mode_key))
         p.add(mode_key, f"{mode_key}={fmt(mode)}{via}: {better} {name} is better (the task {task} declares it), "
                         f"so {mode} would keep the worst value; use {mode_key}={allowed[name]}")
 
@@ -751,7 +742,7 @@ def _check_paths(cfg: DictConfig, p: Problems) -> None:
     """Paths that exist but are of the wrong kind (their absence is the task's to report, with the download
     hint), and a resume source that does not exist."""
     for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
-        if p.under(_interpolated_from(cfg, key)):
+        if p.under(interpolated_from(cfg, key)):
             continue
         value = _get(cfg, key, p)
         if not isinstance(value, str) or not value:

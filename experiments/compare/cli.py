@@ -32,13 +32,13 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
+from core.errors import ConfigError, UserError
+from core.log import print_error
 from experiments.compare import probe as probing
 from experiments.compare import report
 from experiments.compare.plan import GRID, PER_TRIAL, ROOT, Plan, build_plan, format_lr, lr_multiplier
 from experiments.compare.runs import Interrupted, Result, Runner, WorkerDied, make_trial
 from experiments.compare.tuning import Point, Tuning, tune
-from trainer.errors import ConfigError, UserError
-from trainer.log import print_error
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

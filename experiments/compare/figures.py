@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from core import figures
 from experiments.compare.plan import Plan
 from experiments.compare.runs import Result
 from experiments.compare.tuning import Tuning
-from trainer import figures
 
 
 def draw(out: Path, plan: Plan, a: Any, tuning: dict[str, Tuning] | None,

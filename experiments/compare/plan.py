@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import ConfigError
+from core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -374,7 +374,7 @@ def _budget(cfg: DictConfig) -> tuple[int, int]:
     import torch
     from hydra.utils import instantiate
 
-    from trainer.sampler import SAMPLERS
+    from core.sampler import SAMPLERS
 
     task = instantiate(cfg.task)
     task.setup(torch.device("cpu"))

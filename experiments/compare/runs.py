@@ -48,9 +48,9 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.console import Console
 
+from core.errors import UserError
 from experiments.compare.plan import Option, Plan
 from experiments.sweep import Ledger, job_key, key_hash
-from trainer.errors import UserError
 
 
 class Interrupted(UserError):

@@ -22,8 +22,8 @@ class KilnOptunaSweeper(OptunaSweeper):
         try:
             return super().sweep(arguments)
         except ValueError:  # Optuna's study.best_trial when no trial completed
+            from core.log import print_error
             from experiments.sweep import collect, write_summary
-            from trainer.log import print_error
 
             sweep_dir = Path(self.config.hydra.sweep.dir)
             monitor = self.config.get("monitor") or {}

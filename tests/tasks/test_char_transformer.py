@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import DataNotFoundError
 from tasks.char_transformer import CharTransformer
 from tasks.gpt import GPT, KVCache
 from tasks.norm import norm_layer
 from tests.conftest import run_cli
-from trainer.errors import DataNotFoundError
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import ConfigError, DataError, DataNotFoundError, UserError
 from tests.conftest import ROOT, run_cli
 from tests.test_batches import digits_cfg
 from tests.test_loop import params
-from trainer.errors import ConfigError, DataError, DataNotFoundError, UserError
 from trainer.loop import build
 from trainer.run import run
 

@@ -1,4 +1,4 @@
-"""The task protocol (tasks/base.py) checked where the trainer first relies on it, once, with the rule and the fix
+"""The task protocol (core/task.py) checked where the trainer first relies on it, once, with the rule and the fix
 in the message (TaskError: exit code 2, no traceback):
 
 - the task's attributes, before its data load: batch_size an int >= 1, the methods, a known `sampling`;
@@ -20,11 +20,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tasks.base import Task
-from trainer.errors import TaskError
+from core.errors import TaskError
+from core.task import Task
 
 METHODS = ("setup", "build_model", "loss", "evaluate")
 SAMPLINGS = ("epoch", "random")
@@ -36,7 +36,7 @@ def task_name(task: Any) -> str:
 
 
 def _contract(method: Any) -> str:
-    """The first sentence of a Task method's docstring: the rule as tasks/base.py states it."""
+    """The first sentence of a Task method's docstring: the rule as core/task.py states it."""
     doc = " ".join((inspect.getdoc(method) or "").split())
     return re.match(r"(.+?\.)(?:\s|$)", doc).group(1)
 
@@ -49,9 +49,9 @@ def check_task(task: Any) -> None:
     """The attributes and methods the trainer needs, before the task loads its data."""
     missing = [m for m in METHODS if not callable(getattr(task, m, None))]
     if missing:
-        raise _broken(task, f"it has no {', '.join(f'{m}()' for m in missing)} (tasks/base.py: subclass "
-                            "tasks.base.Task and implement its abstract methods)")
-    rule = ("(tasks/base.py: batch_size: the global batch size, per optimizer step over all DDP ranks and "
+        raise _broken(task, f"it has no {', '.join(f'{m}()' for m in missing)} (core/task.py: subclass "
+                            "core.task.Task and implement its abstract methods)")
+    rule = ("(core/task.py: batch_size: the global batch size, per optimizer step over all DDP ranks and "
             "micro-batches, an int >= 1; set it in __init__ from the task.batch_size config key)")
     if not hasattr(task, "batch_size"):
         raise _broken(task, f"it has no batch_size {rule}")
@@ -60,7 +60,7 @@ def check_task(task: Any) -> None:
         raise _broken(task, f"it has batch_size={size!r} {rule}")
     sampling = getattr(task, "sampling", "epoch")
     if sampling not in SAMPLINGS:
-        raise _broken(task, f"sampling={sampling!r}; use 'epoch' or 'random' (tasks/base.py)")
+        raise _broken(task, f"sampling={sampling!r}; use 'epoch' or 'random' (core/task.py)")
 
 
 def _describe(value: Any) -> str:
@@ -76,7 +76,7 @@ def check_losses(task: Any, losses: Any, micro: int, batch: str) -> None:
         return
     raise TaskError(
         f"{task_name(task)}.loss returned {_describe(losses)} for a micro-batch of {micro} samples ({batch}). "
-        f'tasks/base.py: loss returns "{_contract(Task.loss)}" The trainer reduces them itself '
+        f'core/task.py: loss returns "{_contract(Task.loss)}" The trainer reduces them itself '
         f"(regularize.loss_reduction): a loss already averaged over the batch (per_sample.mean()) would train with "
         f"1/{micro} of the gradient. Return one loss per sample, e.g. (model(x) - y).pow(2).mean(1) or "
         'F.cross_entropy(logits, y, reduction="none").')
@@ -84,7 +84,7 @@ def check_losses(task: Any, losses: Any, micro: int, batch: str) -> None:
 
 def as_metrics(task: Any, result: Any, what: str = "evaluate()") -> dict[str, Any]:
     """evaluate()'s (or final_metrics()'s) result as {name: Python number}, or a TaskError saying what is wrong."""
-    rule = f"tasks/base.py: {EVALUATE}"
+    rule = f"core/task.py: {EVALUATE}"
     if not isinstance(result, Mapping):
         raise _broken(task, f"{what} returned a {type(result).__name__}, not a dict ({rule})")
     metrics = {}
@@ -143,14 +143,12 @@ def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bo
                     finals: Mapping[str, Any] | None) -> None:
     """Every watched metric is among the evaluation's keys (or, for monitor.metric, final_metrics()'s: None while
     those are not known yet, which defers monitor.metric to the end when the task has final_metrics)."""
-    from trainer.validate import _interpolated_from
-
     lines = []
     for key, name, every_eval in watched:
         if name in evals or (not every_eval and (name in (finals or {}) or
                                                  (finals is None and hasattr(task, "final_metrics")))):
             continue
-        sources = _interpolated_from(cfg, key)
+        sources = interpolated_from(cfg, key)
         via = "".join(f" (from ${{{s}}})" for s in sources)
         reports = f"its evaluate() reports {', '.join(evals) or 'nothing'}"
         if finals:
@@ -161,3 +159,16 @@ def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bo
         lines.append(f"{key}={name!r}{via}: the task {task_name(task)} does not report it; {reports}{fix}")
     if lines:
         raise TaskError("the run watches a metric the task does not report:\n" + "\n".join(f"  {x}" for x in lines))
+
+
+_INTERP = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def interpolated_from(cfg: DictConfig, key: str) -> list[str]:
+    """The keys `key`'s value interpolates (`${monitor.metric}` -> ['monitor.metric']); [] for a plain value."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent or not OmegaConf.is_interpolation(parent, leaf):
+        return []
+    raw = parent._get_node(leaf)._value()
+    return _INTERP.findall(raw) if isinstance(raw, str) else []

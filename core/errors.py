@@ -34,7 +34,7 @@ class DataError(UserError):
 
 
 class TaskError(UserError):
-    """The task breaks the protocol of tasks/base.py (what loss or evaluate returns, a missing batch_size): caught
+    """The task breaks the protocol of core/task.py (what loss or evaluate returns, a missing batch_size): caught
     on the first step or before it."""
 
     exit_code = 2

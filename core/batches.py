@@ -1,7 +1,7 @@
 """Where each optimizer step's batch comes from: the task's own tensors on the device, or a DataLoader.
 
 The loop asks `batches(step)` for the grad_accum micro-batches of this rank's share of step `step`'s global batch
-(trainer/sampler.py picks the sample indices, a pure function of seed and step). Two sources answer:
+(core/sampler.py picks the sample indices, a pure function of seed and step). Two sources answer:
 
 - DeviceBatches, the fast path for data sets that fit on the device: `task.train_batch(indices)` indexes tensors
   already there. No worker, no copy, no host synchronisation.
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from trainer.errors import ConfigError, UserError
+from core.errors import ConfigError, UserError
+from core.log import print_warning
+from core.task import Task
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # independent seed streams for training batches and ordered (evaluation) loading
 
@@ -179,7 +181,6 @@ class DataLoading:
                       bool(get("persistent_workers", True)))
         cores = usable_cores()
         if warn and loading.workers > cores:
-            from trainer.log import print_warning
 
             print_warning(f"data.workers={loading.workers} is more than the {cores} CPU cores this process may use: "
                           f"the workers will compete for them (and with training). Try data.workers={cores} or less.")
@@ -317,13 +318,11 @@ class LoaderBatches:
 def make_batches(task: Any, sampler: Any, dist: Any, grad_accum: int, seed: int,
                  total_steps: int) -> DeviceBatches | LoaderBatches:
     """The task's batch source: LoaderBatches when it provides a data set, else DeviceBatches."""
-    from tasks.base import Task
-
     dataset = task.train_dataset()
     if dataset is None:
         if type(task).train_batch is Task.train_batch:
             raise ConfigError(f"task._target_: {type(task).__module__}.{type(task).__name__} provides neither "
-                              "train_dataset() (a map-style Dataset) nor train_batch(indices); see tasks/base.py")
+                              "train_dataset() (a map-style Dataset) nor train_batch(indices); see core/task.py")
         return DeviceBatches(task, sampler, dist, grad_accum, task.loading)
     return LoaderBatches(dataset, sampler, dist, grad_accum, task.loading, seed, total_steps,
                          getattr(task, "collate", None))

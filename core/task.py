@@ -1,7 +1,7 @@
 """The task protocol: what a task provides, and what the trainer owns.
 
 A task provides the data, the model, a per-sample loss and evaluation metrics. The trainer owns everything else:
-which samples each step sees (a pure function of seed and step, trainer/sampler.py), batching and loading,
+which samples each step sees (a pure function of seed and step, core/sampler.py), batching and loading,
 device placement, precision, gradient accumulation, DDP, the optimizer, the schedule, gradient transforms, logging,
 checkpoints and resume.
 
@@ -19,9 +19,9 @@ Optional: `data_fingerprint()` (what identifies the data, for resume; the traini
 `final_metrics(model)` (metrics computed once at the end, e.g. a test split), `pictures(model, writer,
 step)` (TensorBoard images at each evaluation), `save_pictures(model, folder)` (files at the end), `sampling =
 "random"` (independent batches with replacement instead of shuffled epochs). Figures made with
-`trainer.figures.subplots` and written with `figures.save` / `figures.add_figure` keep their text inside the image.
+`core.figures.subplots` and written with `figures.save` / `figures.add_figure` keep their text inside the image.
 
-The trainer checks the protocol where it first relies on it (trainer/protocol.py) and stops with the rule and the fix:
+The trainer checks the protocol where it first relies on it (core/protocol.py) and stops with the rule and the fix:
 `batch_size` and the methods before `setup`, the shape of `loss` on the first step, the result of `evaluate` at each
 evaluation (also once before training unless `check_evaluate_first = False`) and the metrics the config watches.
 """
@@ -30,17 +30,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
-
-from tasks.norm import KINDS
-
-if TYPE_CHECKING:
-    from trainer.batches import DataLoading
 
 
 class Task(abc.ABC):
@@ -51,10 +46,10 @@ class Task(abc.ABC):
     sampling: str = "epoch"  # "epoch": shuffled epochs; "random": independent uniform draws per step
     # Set by the trainer before setup(): how map-style data sets are loaded in this run (data.*). Use
     # `self.loading.ordered(dataset, batch_size)` to iterate an evaluation split in batches on the device.
-    loading: DataLoading | None = None
+    loading: Any = None  # a core.batches.DataLoading
     # What the config validator (trainer/validate.py) checks without loading data. A task states them as class
     # attributes; tests/test_validate.py checks them against what the task really returns.
-    norms: ClassVar[tuple[str, ...]] = KINDS  # the conf/norm kinds its model can use
+    norms: ClassVar[tuple[str, ...] | None] = None  # the conf/norm kinds its model can use; None: every kind
     eval_metrics: ClassVar[Mapping[str, str]] = {}  # evaluate()'s keys -> min | max (which way is better); {}: unknown
     test_metrics: ClassVar[Mapping[str, str]] = {}  # the keys final_metrics() adds, scored once at the end
     # Evaluate the initial model once before training, so a broken evaluate() or a watched metric it does not
@@ -70,7 +65,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def setup(self, device: torch.device) -> None:
-        """Load or index the data (called once, before build_model). Raise trainer.errors.DataNotFoundError with the
+        """Load or index the data (called once, before build_model). Raise core.errors.DataNotFoundError with the
         config key and the fix when data are missing."""
 
     @abc.abstractmethod
