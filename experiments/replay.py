@@ -32,7 +32,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import UserError
+from core.log import print_error
 from trainer.checkpoint import file_digest
+from trainer.run import run
 
 _TIMING = ("wall_time_s", "train_time_s", "per_s", "time/")  # keys that measure the machine, not the run
 GPU_TOLERANCE = 1e-3
@@ -94,8 +97,6 @@ def starting_point(run_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None
     """Where the replay starts: (checkpoint or None for step 0, its step, why). A run that began from another run's
     checkpoint, or whose config changed at a resume, is replayed from the exact bytes that segment started from
     (its kept copy, checked against the sha256 the manifest recorded); any other run from step 0."""
-    from core.errors import UserError
-
     start, resumes = manifest.get("start") or {"step": 0}, manifest.get("resumes") or []
     changed = [r for r in resumes if r.get("changes")]
     if changed:
@@ -142,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
 
-    from core.errors import UserError
-    from core.log import print_error
-    from trainer.run import run
     from trainer.validate import validate
 
     run_dir: Path = args.run_dir

@@ -319,7 +319,7 @@ def _export_slurm_ranks() -> None:
     if "RANK" in os.environ or "SLURM_JOB_ID" not in os.environ:
         return
     try:
-        from submitit.helpers import TorchDistributedEnvironment
+        from submitit.helpers import TorchDistributedEnvironment  # optional: the SLURM launcher's package
     except ImportError:
         return
     with contextlib.suppress(RuntimeError):  # not inside a submitit job (plain srun/sbatch): leave it to torchrun
@@ -496,7 +496,7 @@ def _hparam_value(v: str | None) -> float | str | bool:
 
 def _write_hparams(sweep_dir: Path, rows: list[dict[str, Any]], metric: str, extra: list[str]) -> None:
     """TensorBoard HPARAMS: one session per finished job (swept overrides -> real final and best metrics)."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard): only when a sweep summarizes
 
     root = sweep_dir / "hparams"
     shutil.rmtree(root, ignore_errors=True)  # regenerated from the ledger on every summary

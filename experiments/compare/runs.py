@@ -50,7 +50,9 @@ from rich.console import Console
 
 from core.errors import UserError
 from experiments.compare.plan import Option, Plan
-from experiments.sweep import Ledger, job_key, key_hash
+from experiments.sweep import Ledger, job_key, key_hash, run_job
+from trainer.device import threads as thread_count
+from trainer.run import main as run_main
 
 
 class Interrupted(UserError):
@@ -177,7 +179,7 @@ def read_result(trial: Trial, ledger: Ledger, metric: str, cached: bool) -> Resu
 
 # -- worker processes --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
+def output_to(path: Path) -> Iterator[None]:
     """stdout and stderr (file descriptors 1 and 2, so C-level output too) go to `path` for the duration."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -199,15 +201,11 @@ def _output_to(path: Path) -> Iterator[None]:
 def execute(cfg: DictConfig, overrides: list[str], run_dir: Path, sweep_dir: Path, threads: int) -> bool:
     """Run one trial in this process as a sweep job; False when a signal interrupted it (recorded in the ledger).
     `trial.json` in the run directory records the command with the threads it ran with."""
-    from experiments.sweep import run_job
-    from trainer.device import threads as thread_count
-    from trainer.run import main as run_main
-
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = sys.argv
     sys.argv = ["train.py", *overrides]
     try:
-        with thread_count(threads), _output_to(run_dir / "train.log"):
+        with thread_count(threads), output_to(run_dir / "train.log"):
             run_job(cfg, run_dir, [o for o in overrides if not o.startswith("hydra.")], sweep_dir, run_main,
                     summarize=False)
     except SystemExit:  # run_job recorded the interrupted job and stops the "sweep"
