@@ -1,22 +1,7 @@
 """Running a comparison's trials through the sweep ledger: cached, resumable, in parallel worker processes.
 
-Every trial is an ordinary run directory in one sweep directory (`<out>/trials`, or `--trials`) whose ledger
-(experiments/sweep.py) keys it by its overrides and resolved config, so by its option, seed, rung budget and tuned
-values too. A trial the ledger holds as finished, or as stopped by a non-finite loss (diverged: a result of its
-setting, not an accident), is read back, never run again: an interrupted compare continues where it stopped, and
-comparisons sharing `--trials` share every identical trial. Other failures and interrupted trials run again, as in
-a sweep. There is no second ledger.
-
-The others run through `experiments.sweep.run_job`, the path a sweep's job takes (status.json, failure isolation,
-the ledger line): with `--jobs 1` in this process, else in `--jobs` worker processes that each run trial after
-trial, so the interpreter and imports are paid once per worker rather than once per trial. A trial runs in
-`<trials>/<name>-<hash of its ledger key>`, or the directory the ledger already gives its key (a comparison
-sharing `--trials` may have named it), with its output in `train.log` there, and with sys.argv set to its own
-train.py command line, so its manifest and the trainer's messages name the command that reproduces it.
-
-Threads: a trial gets its share of the cores (cores // jobs) as torch's intra-op threads. The share is how a
-trial runs, not what it is: it stays out of the config (a different --jobs reuses the cache), and the command that
-reproduces a trial carries the threads it ran with as OMP_NUM_THREADS (trial.json in its directory).
+Every trial is an ordinary run directory keyed by the sweep ledger (cached, resumable), run through
+`experiments.sweep.run_job` in worker processes (why: DESIGN.md).
 
 Ctrl-C: the run in progress finishes its step, or its final phase's current part, and is recorded as interrupted
 (it runs again from the start next time), then Interrupted is raised. Workers run in their own session, so the
