@@ -32,8 +32,10 @@ bench: install            ## figures, not tests: trainer overhead, optimizer ste
 	$(BIN)/python bench/char_transformer.py
 	$(BIN)/python bench/data_path.py
 
-gpu-check: install        ## every CUDA-specific path on this machine's GPU (ARGS=--quick; no GPU: prints the plan)
-	$(BIN)/python -m bench.gpu_check $(ARGS)
+gpu-check: install        ## the cuda tests (tests/cuda), then the GPU figures (bench/gpu.py; ARGS=--quick: no full recipe)
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python -m pytest -m cuda tests/cuda && $(BIN)/python bench/gpu.py $(ARGS); \
+	else echo "gpu-check: no CUDA GPU here, nothing run (the CPU variants of tests/cuda run in make test)"; fi
 
 check-recipes: install   ## every recipe's short version against its declared result (ARGS=--full: the real runs)
 	$(BIN)/python -m experiments.check_recipes $(ARGS)

@@ -23,6 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import compose_cfg  # noqa: E402
+from trainer.run import run  # noqa: E402
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -34,9 +37,6 @@ def main() -> None:
     ap.add_argument("--data-root", default=os.environ.get("KILN_DATA_ROOT", "data"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-
-    from tests.conftest import compose_cfg
-    from trainer.run import run
 
     cfg = compose_cfg(f"recipe={args.recipe}", f"data.root={args.data_root}", f"trainer.max_steps={args.steps}",
                       f"trainer.log_interval={args.interval}", "trainer.eval_interval=0",

@@ -27,10 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import compose_cfg  # noqa: E402
+from trainer.loop import build  # noqa: E402
 from trainer.run import run  # noqa: E402
 
 COMMON = ("optimizer=adam", "optimizer.lr=1e-3", "schedule=constant", "trainer.eval_interval=0",
@@ -63,8 +66,6 @@ def samples_per_s(cfg) -> float:
 def loading_only(cfg) -> float:
     """Samples/s of the batch source alone: every micro-batch of the run's steps, on the device (the first step, with
     the workers' start-up, left out)."""
-    from trainer.loop import build
-
     parts = build(cfg)
     steps = parts.horizon.total_steps - 1
     try:
@@ -90,8 +91,6 @@ def main() -> None:
     ap.add_argument("--data-root", default=os.environ.get("KILN_DATA_ROOT", "data"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-
     torch.set_num_threads(args.threads)
     configs = {"on device": lambda: device_cfg(args.data_root, args.steps, args.block)}
     for w in args.workers:

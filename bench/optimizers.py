@@ -3,22 +3,13 @@
     .venv/bin/python bench/optimizers.py [--only adamw,lion] [--steps 10] [--warmup 3] [--params 10M]
                                          [--threads N]
 
-For every option in conf/optimizer/ (composed with Hydra like `python train.py optimizer=NAME` would, with
-regularize.weight_decay=0.1 so decay paths run), the optimizer is built on the trainer's param groups
-(optim.param_groups) of a model shaped like a small GPT: token and position embeddings, blocks of
-LayerNorm + qkv [1152, 384] + proj [384, 384] + LayerNorm + fc [1536, 384] + fc [384, 1536] (with biases),
-a final LayerNorm and a [65, 384] head; the number of blocks is chosen to get close to --params.
-
-With several processes on few cores, torch's default thread count oversubscribes them and the timings
-turn to noise; --threads 1 then gives stable figures.
-
-Each step gets fresh random gradients (copied in outside the timer). After --warmup steps, --steps steps are
-timed, interleaving one reference step (torch.optim.AdamW(foreach=True) on its own copy) with one step of the
-optimizer (each going first every other time), so background load hits both alike. The table shows the
-median step time, its ratio to the reference's median, and the optimizer state in bytes per parameter: all
-tensor bytes reachable from optimizer.state_dict() (so a wrapper's own buffers, e.g. Lookahead's slow
-weights, count; shared storages once) divided by the number of parameters. An optimizer that fails to build
-or step is listed with its error.
+Every option in conf/optimizer/ (composed as `python train.py optimizer=NAME regularize.weight_decay=0.1` would) is
+built on the trainer's param groups of a small-GPT-shaped model (embeddings, blocks of LayerNorm + qkv + proj + MLP,
+a [65, 384] head; as many blocks as get close to --params). Each step gets fresh random gradients, copied in outside
+the timer; after --warmup steps, --steps steps interleave one step of a reference (torch.optim.AdamW(foreach=True))
+with one of the optimizer, so background load hits both alike. The table: median step time, its ratio to the
+reference's, and state bytes per parameter (every tensor reachable from optimizer.state_dict(), shared storages
+once). With several processes on few cores, --threads 1 gives stable figures.
 """
 
 from __future__ import annotations

@@ -24,13 +24,10 @@ estimate first reaches nanoGPT's final one. Both final models are scored over th
 windows, every character once): ours by the recipe itself, nanoGPT's checkpoint here, through nanoGPT's own
 model code imported from the checkout.
 
-Data: the text is copied from the data root (tinyshakespeare/input.txt) to where prepare.py looks for it,
-and prepare.py runs with a stand-in `requests` module that refuses to download (it imports requests at the
-top; the real one is not a dependency of kiln). pytorch/examples reads MNIST from `../data`: the run happens in
-a temporary folder whose `data` links to the data root. Threads: OMP_NUM_THREADS=--threads for every process
-(and trainer.threads for ours); --threads 0 sets neither, so every process runs as its user would (torch's
-default, a thread per core: on a 2-core AMD EPYC both char-GPTs step ~5% faster than with the same count set
-explicitly). Say what else was running (`uptime`) when you quote the figures.
+Data: prepare.py reads the text copied from the data root, with a stand-in `requests` that refuses to download;
+pytorch/examples reads MNIST through a `data` link to the data root. Threads: OMP_NUM_THREADS=--threads for every
+process (and trainer.threads for ours); --threads 0 sets neither. Say what else was running (`uptime`) when you
+quote the figures.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def expectation(expect: dict[str, Any], version: str) -> Expectation:
 
 def this_machine() -> str:
     """The CPU (name, cores, the flags that decide speed here) and the GPU if any, in measured_on's words."""
-    import torch
+    import torch  # heavy: --help, argument errors and the recipe list answer without loading torch
 
     caps = torch.cpu.get_capabilities()
     simd = "AVX512" if caps.get("avx512_f") else "AVX2" if caps.get("avx2") else caps.get("architecture", "")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [i for i in args.items if "=" not in i] or recipe_names()
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").is_file()]
     if unknown:
-        from core.log import print_error
+        from core.log import print_error  # loads torch (tensorboard): only on the error paths
         from trainer.validate import did_you_mean
 
         print_error("; ".join(f"unknown recipe {n!r}: {did_you_mean(n, recipe_names())}" for n in unknown))
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"--out {out}: cannot create it ({e.strerror}); give a folder you can write in")
         return 2
 
-    import torch
+    import torch  # heavy, see this_machine()
 
     has_cuda = torch.cuda.is_available()
     results = []

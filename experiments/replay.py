@@ -2,18 +2,8 @@
 
     python -m experiments.replay runs/mnist_vae/2026-11-21_05-30-00 [--out DIR] [--tolerance 1e-3] [key=value ...]
 
-The replay trains from the run's own record, `config.yaml` (the fully resolved config, so a later change to a
-YAML default cannot change what replays), into a new, empty run directory (default: a sibling `<name>.replay`;
-nothing is ever written into the original), then compares `final_metrics.json` and every logged train loss / eval
-metric in `metrics.jsonl`, step by step. It starts where the original started: from step 0, or, for a run begun
-from another run's checkpoint or changed at a resume, from the exact checkpoint bytes that segment started from
-(the copy kept in the run's checkpoints/, checked against the sha256 in manifest.json; values logged before that
-step are not compared). The tolerance is relative: |a - b| <= tol * max(|a|, |b|). Timings
-(wall_time_s, samples/s, tokens/s) are not compared. On CPU the default tolerance is 0: bit for bit (the loop is a
-deterministic function of the seed and step; `trainer.deterministic=true` also pins the few nondeterministic
-kernels). On CUDA the default is a relative tolerance of 1e-3, stated in the verdict: atomics in some kernels and
-TF32 make GPU runs repeat only approximately. The manifest's package versions and git commit are compared too, and
-differences are printed (they explain a mismatch; they do not cause one by themselves).
+The replay trains from the run's own resolved config.yaml into a new directory, from where the original started,
+and compares final and logged metrics within a relative tolerance: 0 on CPU, 1e-3 on CUDA (how: DESIGN.md).
 
 Exit status: 0 when everything matches, 1 when something differs, 2 for a directory that is not a run.
 Extra `key=value` arguments change the replayed config (e.g. data.root=... on another machine) and are stated.
@@ -32,7 +22,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import UserError
+from core.log import print_error
 from trainer.checkpoint import file_digest
+from trainer.run import run
 
 _TIMING = ("wall_time_s", "train_time_s", "per_s", "time/")  # keys that measure the machine, not the run
 GPU_TOLERANCE = 1e-3
@@ -94,8 +87,6 @@ def starting_point(run_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None
     """Where the replay starts: (checkpoint or None for step 0, its step, why). A run that began from another run's
     checkpoint, or whose config changed at a resume, is replayed from the exact bytes that segment started from
     (its kept copy, checked against the sha256 the manifest recorded); any other run from step 0."""
-    from core.errors import UserError
-
     start, resumes = manifest.get("start") or {"step": 0}, manifest.get("resumes") or []
     changed = [r for r in resumes if r.get("changes")]
     if changed:
@@ -142,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
 
-    from core.errors import UserError
-    from core.log import print_error
-    from trainer.run import run
     from trainer.validate import validate
 
     run_dir: Path = args.run_dir

@@ -5,17 +5,8 @@ any other Exception) is recorded as failed in its run directory and in the ledge
 launcher goes on with the others. A signal (Ctrl-C, SIGTERM) ends the whole sweep: the job is recorded as
 interrupted and the table so far is printed.
 
-The ledger (`<sweep dir>/ledger.jsonl`, one JSON line per started and per ended job) is keyed by content: a job's
-key is its sorted override list plus a hash of its resolved config, and each key owns one run directory, given
-to it when it first starts and never to another key. Hydra's job number is only a first choice of name:
-`hydra.sweep.subdir: ${kiln.job_dir:}` (conf/train.yaml) asks the ledger, before Hydra creates or writes anything,
-for the job's directory: the one its key already owns, else `<job num>` when no other key owns it, else
-`<job num>-<hash of the key>`. So a second sweep into the same sweep directory (`-m optimizer=lion,sgd` after
-`-m optimizer=adam,sgd`) gives lion `0-<hash>` next to adam's `0`; both results stay right, and a re-run skips
-exactly the jobs that finished. A custom `hydra.sweep.subdir` that gives a job another key's directory is refused
-(the job fails with a message; the owner's files are left alone). A finished entry is trusted only when its
-directory's status.json names the same key. Claims and appends hold a file lock (`ledger.jsonl.lock`), so parallel
-jobs (joblib, SLURM on a shared file system, two sweeps at once) never give one directory to two keys.
+The ledger (`<sweep dir>/ledger.jsonl`) keys a job by its content (overrides + config hash); each key owns one
+run directory, under a file lock (DESIGN.md).
 
 `SweepSummary` is a Hydra callback (hydra.callbacks in conf/train.yaml): at the end of a multirun it prints a rich
 table of every job's final and best monitored metric, status and time, sorted by the task's `monitor` (metric +
@@ -319,7 +310,7 @@ def _export_slurm_ranks() -> None:
     if "RANK" in os.environ or "SLURM_JOB_ID" not in os.environ:
         return
     try:
-        from submitit.helpers import TorchDistributedEnvironment
+        from submitit.helpers import TorchDistributedEnvironment  # optional: the SLURM launcher's package
     except ImportError:
         return
     with contextlib.suppress(RuntimeError):  # not inside a submitit job (plain srun/sbatch): leave it to torchrun
@@ -496,7 +487,7 @@ def _hparam_value(v: str | None) -> float | str | bool:
 
 def _write_hparams(sweep_dir: Path, rows: list[dict[str, Any]], metric: str, extra: list[str]) -> None:
     """TensorBoard HPARAMS: one session per finished job (swept overrides -> real final and best metrics)."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard): only when a sweep summarizes
 
     root = sweep_dir / "hparams"
     shutil.rmtree(root, ignore_errors=True)  # regenerated from the ledger on every summary

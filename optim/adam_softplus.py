@@ -12,10 +12,6 @@ gradients the first steps are well below lr. (Softplus of the corrected sqrt(v_h
 30x larger for |g| from 0.1 down to 1e-3, still ~1.2x at step 1000 for |g| = 0.01.) beta = 50 is the paper's
 recommendation; as in torch's softplus, beta*x > threshold (20) takes the linear branch x.
 
-Departures from the authors' class, each the project's convention: amsgrad off (theirs defaults to the AMSGrad
-variant "Samsgrad"), and weight decay decoupled as in AdamW (arXiv 1711.05101; theirs adds wd*p to the gradient).
-Options `cautious` (arXiv 2411.16085) and `cautious_wd` (arXiv 2510.12402) as in optim/cautious.py.
-
 torch has no foreach softplus: the denominator is one vectorised softplus per tensor (into a reused scratch tensor).
 """
 

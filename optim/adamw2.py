@@ -13,32 +13,11 @@ u = m_hat/(sqrt(v_hat) + eps) (Kingma & Ba 1412.6980); the step is p <- p - alph
 (Loshchilov & Hutter 1711.05101) with alpha_t in place of lr; options `cautious` (the bound then applies to the
 masked u; arXiv 2411.16085) and `cautious_wd` (arXiv 2510.12402) as in optim/cautious.py.
 
-Sources: the paper's abstract states the rule per weight matrix (if sigma_1(Delta W_t)/sigma_1(W_{t-1}) exceeds a
-threshold, the learning rate is bounded to a multiple tau of sigma_1(W_{t-1})/sigma_1(Delta W_t)); its full text
-(Algorithm 1) could not be read from here, and the authors publish no code. The seed document (002) reads the
-rule as one global learning-rate factor computed from all layers; we follow the paper's per-matrix statement.
-
 Which tensors: every parameter with >= 2 dimensions, viewed as a matrix [shape[0], -1] (a Linear weight as it is, a
 conv kernel by output channel). Vectors and scalars (biases, norm weights) take the plain AdamW step.
 
-sigma_1 of W and of u by power iteration (v <- A^T A v / ||A^T A v||, sigma_1 ~ sqrt(||A^T A v||) for the unit v
-before the update: a lower bound at least as tight as ||A v||, at no extra product), warm-started: each
-matrix keeps a right singular vector estimate for W and one for u in its state, so `power_iters` iterations per
-step (default 1) track the slowly moving top singular pair; the first step runs at least FIRST_STEP_ITERS (10)
-from a fixed pseudo-random start (deterministic, so a run and its resumption agree). An underestimate of
-sigma_1(u) would loosen the bound exactly when it matters, at the first step, hence the longer first run.
-
-Cost: per matrix and step, 2 matrix-vector products per power iteration for W and 2 for u (about 4 passes over the
-matrix at power_iters=1, on top of AdamW's), plus state of AdamW's 2 moments and two vectors of the column count
-(bench/optimizers.py: step time and state bytes against torch.optim.AdamW). The matrices of a group that share a
-shape are stepped together: u is written straight into a stack, the weights are copied beside it, the power
-iterations are batched products and the step is applied to the stack and copied back, while the whole group takes
-AdamW's moments with foreach ops. A step then costs a few dozen tensor operations per distinct shape instead of per
-matrix: on the char-GPT (18 matrices, 6 shapes; on a CPU every small operation costs its dispatch) it went from
-2.8x torch.optim.AdamW's step time to 1.3x. The price is working memory: the stacks (u and a copy of the weights,
-twice the matrices' size) are kept between steps, not rebuilt. Everything stays on the device: the ratio and the
-min are tensors, no host synchronisation. A matrix whose sigma_1 is 0 (zero-initialised) has no scale to bound its
-step by and takes AdamW's step.
+sigma_1 by warm-started power iteration; matrices of one shape are stepped as a stack (sources, cost:
+DESIGN.md).
 """
 
 from __future__ import annotations

@@ -23,19 +23,8 @@ P_{t-1} taken as x_t and P_t, so nothing more is stored; wd: AdamW's decoupled d
 
     beta_t = clip( [ (1 + lambda) r <g, d> - <e, g + lambda d> ] / ||e||^2, 0, beta_max ),   r = eta_{t-1}/eta_t.
 
-Sources: the arXiv abstract and the published form of the update d_{t+1} above; the derivation of beta_t here is
-ours from the stated model, and it agrees term for term with the formula of a public re-implementation that cites
-the paper's Algorithms 1 and 3 (the paper's full text could not be read from here). That re-implementation reports
-the paper's fixed settings lambda = 0.1 and beta_max = 0.9: nothing to tune, beta_max takes the place of the usual
-beta (for AdamW, betas[0]); both stay configurable.
-
-Per tensor: one beta_t per parameter tensor (the paper's per-layer variant), computed on the device (no host sync).
-- `AMSGD`: the EMA-form momentum above; d_0 = g_0 (the first step is plain SGD); weight_decay is L2 added to the
-  gradient, as in torch.optim.SGD.
-- `AMAdamW`: P_t = (1 - beta_max prod_{i<t} beta_i)(sqrt(v_hat_t) + eps), Adam's preconditioner with the bias
-  correction of the first moment for a varying beta (the unknown current factor bounded by beta_max), v as in Adam;
-  d_0 = 0 and beta_1 = beta_max (no previous step to estimate the gap from), which with lambda = 0 is AdamW's first
-  step; decoupled weight decay p <- p(1 - lr wd) as AdamW.
+`AMSGD` (EMA-form momentum, L2 as torch.optim.SGD) and `AMAdamW` (Adam's preconditioner, decoupled decay);
+one beta_t per tensor, on the device (sources and details: DESIGN.md).
 """
 
 from __future__ import annotations

@@ -14,9 +14,6 @@ parameter and the update agree in sign, i.e. where decay and update push the sam
 
     p <- p - lr*(u + wd * 1[u*p >= 0] * p)
 
-The paper's indicator is u*p >= 0 (a coordinate with u = 0 is still decayed); the project digest writes > 0, which
-differs only where u or p is exactly zero (for p = 0 the decay term is zero either way).
-
 Both work on lists of tensors, writing their masks into scratch tensors when given; no value is read on the host.
 """
 

@@ -10,22 +10,9 @@ multiplier lambda >= 0 (starts at 0). After the plain Adam step (no weight decay
 so a tensor is only pulled back while (and as much as) its norm exceeds its own bound, instead of all
 tensors decaying at one rate. As in the authors' code, R and its gradient are taken after the Adam step.
 
-kappa initialisation (`kappa_init`):
-- 'inflection_point' (default, the paper's Kappa-IP, Sec. 4.3): kappa is unset (no regularization) until the
-  growth of R(p) first slows down (Delta_t Delta_t R < 0), then kappa = R(p) at that step. R is sampled every
-  `reg_step` steps, as the authors' implementation does (pytorch_cpr/adamcpr.py in github.com/automl/CPR, its
-  foreach path: `state_steps[0] % reg_step_size == 0`; Sec. 5.1: "sweep the statistical measure in an interval
-  of 10% of the learning rate warmup"): at the k-th sample (t = k*reg_step) with e_k the sample R_k (or its
-  average, below) and d_k = e_k - e_{k-1} the rise since the previous sample, kappa is set to R_k at the first
-  k >= 4 with d_k < d_{k-1}. Comparing rises step by step instead lets gradient noise fire long before the real
-  inflection point (tests/optim/test_cpr.py: on an S-curve with its inflection at t=2000 and 1e-6 relative
-  noise, step-by-step detection fired at t=607, the authors' sampled detection at t=2400).
-  `reg_ema` smooths the samples first: m_k = reg_ema*m_{k-1} + (1-reg_ema)*R_k, e_k = m_k/(1-reg_ema^k) (the
-  bias correction keeps the average's warm-up from 0 from looking like a slowing rise). The authors' code has
-  reg_ema_decay=0.9, but it rebinds its average to a local variable, so the average never accumulates there:
-  their detection compares (1-reg_ema)*R_k, i.e. the raw samples. Our default reg_ema=0 reproduces that;
-  reg_ema > 0 smooths as their parameter meant to (detection then comes later).
-- 'uniform': kappa = `kappa` for every tensor from the first step.
+kappa_init: 'inflection_point' (default, the paper's Kappa-IP: kappa = R(p) once its growth, sampled every
+`reg_step` steps and smoothed by `reg_ema`, first slows down) or 'uniform' (`kappa` for every tensor from the first
+step); the detection and the authors' code: DESIGN.md.
 
 Groups that set weight_decay=0 (kiln's no_decay group: biases, norms, embeddings) or constrain=False stay
 unconstrained (plain Adam), like the paper which regularizes the weight matrices. Everything stays on the

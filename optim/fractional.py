@@ -18,17 +18,6 @@ are subtracted, the step anticipates a change of the gradient, and the weights s
 is a fractional integral (all w_k > 0, decaying like k^(-a-1)): past gradients are added with a power-law, long
 memory, like heavy-ball momentum with a slower-than-exponential kernel, and for a constant gradient the step is
 sum(w) = binom(K - 1 - a, K - 1) times SGD's (3.52 at a = -0.5, K = 10). The default a = -0.5 is that long-memory form.
-
-Where the sources differ: the issue and the textbook define w_k = w_{k-1}(1 - (a+1)/k) (above); the summary of Zhou
-et al. available here writes w_j = (1 - (a+1)/(j+1)) w_{j-1} (positive weights for 0 < a <= 1, plain gradient
-descent at a = 1) and drops one random memory term per step as a perturbation. Their full text could not be read
-here, so this module implements the textbook coefficients, without the random drop; a = -(1 - a_Zhou) gives
-positive, long-memory weights of the same character.
-
-Memory: the last window - 1 gradients of every parameter, one [window - 1, *p.shape] ring buffer per tensor:
-(window - 1) * 4 bytes per fp32 parameter (36 B at the default window 10, against AdamW's 8), and a step reads the
-whole buffer once (bench/optimizers.py measures both). No host synchronisation: the weights are host floats fixed
-by (order, window), and the ring position follows the host step count.
 """
 
 from __future__ import annotations

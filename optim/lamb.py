@@ -7,12 +7,8 @@ Per tensor (layer) p, with the bias-corrected Adam direction (so early steps are
     p <- p - lr * (||p|| / ||r||) * r        where weight decay applies (wd != 0), or always_adapt
     p <- p - lr * r                          elsewhere (wd = 0: kiln's no_decay group of biases, norms, embeddings)
 
-The trust ratio ||p||/||r|| (the paper's phi is the identity) is replaced by 1 when either norm is zero. Where it
-is applied only to tensors with weight decay, as timm's Lamb (`if weight_decay != 0 or always_adapt`) and NVIDIA
-apex's FusedLAMB (NVLAMB off: "apply adaptive lr to 0.0 weight decay parameter" only with use_nvlamb) do by
-default: a zero-initialised bias would otherwise start from ||p|| = 0 and barely move (tests/optim/
-test_adam_family.py: norm 0.005 after 500 steps at lr 1e-3, where the Adam step takes it to 0.92).
-always_adapt=True applies the ratio to every tensor (the paper's Algorithm 2 read literally, and NVLAMB).
+The trust ratio (1 where either norm is zero) applies by default only to tensors with weight decay, as timm and
+apex do; always_adapt=True applies it to every tensor (why: DESIGN.md).
 
 Options: `cautious` masks the Adam direction before the decay term is added (arXiv 2411.16085); `cautious_wd`
 keeps wd*p only where p and the Adam direction agree in sign (arXiv 2510.12402). The trust ratio is computed on

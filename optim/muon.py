@@ -7,7 +7,7 @@ Muon orthogonalizes the (Nesterov) momentum of a 2-D weight with a quintic Newto
 
 It is defined for the weight matrices of hidden layers only. This optimizer splits the param groups it is
 given: every 2-D parameter whose role (optim/param_groups.py) is "hidden", or that was never tagged, goes to
-the Muon half (torch.optim.Muon's rule, see below); everything else goes to torch.optim.AdamW: biases, norm
+the Muon half (torch.optim.Muon's rule); everything else goes to torch.optim.AdamW: biases, norm
 weights, scalars, embeddings, the output head (a module marked `is_output_head = True`, else the model's last
 nn.Linear) and >2-D tensors such as conv filters (torch's Muon takes 2-D only). A group may force its 2-D
 params with `use_muon: True/False`.
@@ -18,21 +18,8 @@ has AdamW's RMS, so both halves share one lr and one weight decay, as in the pap
 undecayed on both halves), and a schedule or GradScaler acting on this optimizer's param_groups reaches both
 halves: their hyperparameters are copied from the group they came from at every step. state_dict holds both.
 
-The orthogonalisation dtype. torch.optim.Muon always runs Newton-Schulz in bfloat16, which is right where
-bfloat16 matrix products are native (GPU tensor cores; CPUs with AVX512-BF16, AMX-BF16 or Arm's BF16) and
-ruinous where they are emulated: on an AVX2 CPU a 128x512 bf16 matmul takes 15 ms against 0.8 ms in float32,
-and a Muon step over a small GPT's sixteen matrices takes over a second. `ns_dtype="auto"` (default) picks
-bfloat16 on accelerators and on CPUs whose capabilities (torch.cpu.get_capabilities(): cpuinfo's flags, read
-once and cached) include a native bf16 instruction set, float32 everywhere else. A capability check, not a
-timing probe: the dtype changes the numbers, so it must not depend on how busy the machine is (runs replay bit
-for bit). float32 agrees with bfloat16 to bfloat16's precision and is closer to the exact iteration
-(tests/optim/test_muon.py). `ns_dtype="bfloat16"` or `"float32"` forces one. torch's Muon has no dtype option,
-so the Muon half is torch.optim.Muon with its step written out here (`MuonHalf`): the same momentum, the same
-quintic iteration (Jordan's coefficients, torch's eps), the same learning-rate adjustments, in that dtype. In
-float32 the matrices of a group that share an oriented shape (a tall matrix transposed, as the iteration works on
-it) are iterated as one stack with batched products: on a CPU the small products of one matrix leave the cores
-idle (the char-GPT's 16 hidden matrices make 3 stacks; Muon's step went from 31 to 21 ms on a 2-core AMD EPYC).
-bfloat16 stays matrix by matrix, bit for bit torch's.
+`ns_dtype="auto"` (default) runs Newton-Schulz in bfloat16 where bf16 products are native (accelerators, CPUs
+with a bf16 instruction set) and in float32 elsewhere (why: DESIGN.md).
 """
 
 from __future__ import annotations

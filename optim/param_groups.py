@@ -28,7 +28,6 @@ NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (
 )
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 ROLE_ATTR = "_kiln_role"  # attribute set on each nn.Parameter by tag_roles()
-ROLES = ("hidden", "head", "embedding", "other")
 
 
 def output_heads(model: nn.Module) -> list[nn.Module]:

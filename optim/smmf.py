@@ -64,12 +64,6 @@ def pack_signs(positive: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) << _shifts(bits.device)).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_signs(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of pack_signs: the first `numel` bits as a bool tensor."""
-    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
-    return bits.reshape(-1)[:numel].bool()
-
-
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _PACK_MAGIC = 0x0102040810204080  # bytes 2^7..2^0: (8 little-endian 0/1 bytes as an int64 * this) >> 56 packs them
 

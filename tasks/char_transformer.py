@@ -4,14 +4,8 @@ The vocabulary is the sorted set of characters in the text; the first 90% is tra
 validation (the common split). All tokens live in one tensor on the device; a training sample is the window
 starting at a random offset (RandomSampler: seeded per step).
 
-Validation loss is in nats per character. Evaluations during training cost what nanoGPT's do: `eval_batches`
-batches of `eval_batch_size` random validation windows (15 x 32 = 480 by default, as many as nanoGPT's CPU
-command scores over its two splits), drawn once with a fixed seed, so every evaluation scores the same windows
-and curves compare across runs and steps. The final figure (`final_metrics`, once, at the end) is the whole
-validation split, tiled in block_size windows: every character predicted once, its context as long as its place
-in the window, so it has no window-sampling error (a fixed subset of 1,600 random windows read 1.883 where the
-whole split reads 1.893 for the same model). `eval_batches=null` scores the whole split at every evaluation;
-`final_whole_split=false` keeps the windows' figure at the end too (a smoke test of a big model on a CPU).
+Validation loss is in nats per character: a fixed set of random windows at each evaluation, the whole
+validation split at the end (why: DESIGN.md).
 
 Each evaluation also writes a short text sample to TensorBoard: `sample_chars` characters (100 by default, about
 1% of a CPU recipe's time; the first block_size of them through GPT.generate's key/value cache).

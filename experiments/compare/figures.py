@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 
 from core import figures
 from experiments.compare.plan import Plan
@@ -18,8 +19,6 @@ from experiments.compare.tuning import Tuning
 def draw(out: Path, plan: Plan, a: Any, tuning: dict[str, Tuning] | None,
          finals: dict[str, list[Result]]) -> dict[str, str]:
     """Write the figures into `out`; return {name: file name} for those that have data."""
-    from matplotlib import colormaps
-
     colours = {o.label: colormaps["tab10"](i % 10) for i, o in enumerate(plan.options)}
     written: dict[str, str] = {}
 

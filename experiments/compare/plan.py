@@ -29,9 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
+from core.sampler import SAMPLERS
+from schedules import Horizon
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -162,8 +168,6 @@ def format_lr(lr: float) -> str:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """key=value -> (key, the value Hydra would set), through Hydra's own override parser."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     o = OverridesParser.create().parse_overrides([text])[0]
     return o.key_or_group, o.value()
 
@@ -185,9 +189,6 @@ def _group_options(group: str) -> list[str] | None:
 
 def split_axis(args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
     """(axis key, option values, overrides with the axis marked by _AXIS, problems)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except HydraException as e:
@@ -219,8 +220,6 @@ def axis_problem(axis: str, screen: bool) -> str | None:
 def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | None, tune: list[str],
                evals: int, command: list[str]) -> Plan:
     """Parse, compose and validate everything; raise ConfigError listing every problem at once."""
-    from hydra.errors import HydraException
-
     from trainer.cli_check import unknown_keys
     from trainer.validate import did_you_mean, problems, unresolvable
 
@@ -371,11 +370,6 @@ def _budgets(options: list[Option]) -> dict[str, tuple[int, int]]:
 
 def _budget(cfg: DictConfig) -> tuple[int, int]:
     """(steps of a full run, steps per epoch) as the trainer computes them (the task's data decides the epoch)."""
-    import torch
-    from hydra.utils import instantiate
-
-    from core.sampler import SAMPLERS
-
     task = instantiate(cfg.task)
     task.setup(torch.device("cpu"))
     sampler = SAMPLERS[getattr(task, "sampling", "epoch")](task.train_size, task.batch_size, 0, torch.device("cpu"))
@@ -388,8 +382,6 @@ def _cadence(shared: list[str], cfg: DictConfig, budget: int, steps_per_epoch: i
              evals: int) -> tuple[int, list[str]]:
     """Evaluation every `budget / evals` steps (or the user's trainer.eval_interval, turned into steps of the full
     run), the same steps for every option and every rung; plus the economy keys the user did not set."""
-    from schedules import Horizon
-
     given = {a.split("=", 1)[0] for a in shared if "=" in a}
     if "trainer.eval_interval" in given:
         every = Horizon(budget, steps_per_epoch).steps(cfg.trainer.eval_interval) or budget
@@ -408,8 +400,6 @@ def scaled_schedule(cfg: DictConfig, budget: int, steps_per_epoch: int) -> list[
     run, so that a rung trial of 1/9 of the budget is a scaled copy of the full run (warmup 100 of 900 steps: 11
     of 100) instead of a run that never leaves its warmup. The full run itself does not change. Fractions and
     percentages already scale; plateau's cooldown counts evaluations and stays."""
-    from schedules import Horizon
-
     node = cfg.get("schedule")
     if not isinstance(node, DictConfig):
         return []

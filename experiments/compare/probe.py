@@ -17,7 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from omegaconf import open_dict
+
 from experiments.compare.plan import ROOT, Option, Plan
+from experiments.compare.runs import output_to
+from trainer.device import threads as thread_count
+from trainer.loop import build
+from trainer.run import run
 
 SHORT, LONG = 10, 50
 
@@ -30,13 +37,6 @@ class Timing:
 
 
 def probe(plan: Plan, option: Option, threads: int) -> Timing:
-    import torch
-    from omegaconf import open_dict
-
-    from experiments.compare.runs import _output_to
-    from trainer.device import threads as thread_count
-    from trainer.loop import build
-    from trainer.run import run
     from trainer.validate import validate
 
     def config(steps: int):
@@ -46,7 +46,7 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
                                histogram_interval=0)
         return cfg
 
-    with thread_count(threads), tempfile.TemporaryDirectory() as tmp, _output_to(Path("/dev/null")):
+    with thread_count(threads), tempfile.TemporaryDirectory() as tmp, output_to(Path("/dev/null")):
         validate(config(SHORT))
         parts = build(config(SHORT))
         parts.model.eval()

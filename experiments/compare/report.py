@@ -18,10 +18,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from experiments.compare import stats
+from experiments.compare import figures, stats
 from experiments.compare.plan import GRID, ROOT, RUNG_FRACTIONS, Plan, lr_multiplier
 from experiments.compare.runs import Curve, Result
 from experiments.compare.tuning import Tuning
+from trainer.run_dir import git_state
 
 
 @dataclass
@@ -223,12 +224,6 @@ def print_table(plan: Plan, a: Analysis, console: Console) -> None:
 
 
 # -- files -------------------------------------------------------------------------------------------------------
-def git_state() -> dict[str, Any]:
-    from trainer.run_dir import _git_state
-
-    return _git_state(ROOT)
-
-
 def row_dict(r: Row) -> dict[str, Any]:
     d = {
         "option": r.option, "baseline": r.baseline, "lr": r.lr, "lr_factor": r.lr_factor, **{
@@ -267,11 +262,9 @@ def trial_dict(r: Result, threads: int) -> dict[str, Any]:
 
 def write(out: Path, plan: Plan, a: Analysis, tuning: dict[str, Tuning] | None, finals: dict[str, list[Result]],
           *, jobs: int, threads: int, wall_s: float, ran: int, cached: int, console: Console) -> None:
-    from experiments.compare import figures
-
     out.mkdir(parents=True, exist_ok=True)
     figs = figures.draw(out, plan, a, tuning, finals)
-    git = git_state()
+    git = git_state(ROOT)
     trials = [r for t in (tuning or {}).values() for r in t.trials.values()] + [r for rs in finals.values()
                                                                                   for r in rs]
     meta = {

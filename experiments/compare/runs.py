@@ -1,22 +1,7 @@
 """Running a comparison's trials through the sweep ledger: cached, resumable, in parallel worker processes.
 
-Every trial is an ordinary run directory in one sweep directory (`<out>/trials`, or `--trials`) whose ledger
-(experiments/sweep.py) keys it by its overrides and resolved config, so by its option, seed, rung budget and tuned
-values too. A trial the ledger holds as finished, or as stopped by a non-finite loss (diverged: a result of its
-setting, not an accident), is read back, never run again: an interrupted compare continues where it stopped, and
-comparisons sharing `--trials` share every identical trial. Other failures and interrupted trials run again, as in
-a sweep. There is no second ledger.
-
-The others run through `experiments.sweep.run_job`, the path a sweep's job takes (status.json, failure isolation,
-the ledger line): with `--jobs 1` in this process, else in `--jobs` worker processes that each run trial after
-trial, so the interpreter and imports are paid once per worker rather than once per trial. A trial runs in
-`<trials>/<name>-<hash of its ledger key>`, or the directory the ledger already gives its key (a comparison
-sharing `--trials` may have named it), with its output in `train.log` there, and with sys.argv set to its own
-train.py command line, so its manifest and the trainer's messages name the command that reproduces it.
-
-Threads: a trial gets its share of the cores (cores // jobs) as torch's intra-op threads. The share is how a
-trial runs, not what it is: it stays out of the config (a different --jobs reuses the cache), and the command that
-reproduces a trial carries the threads it ran with as OMP_NUM_THREADS (trial.json in its directory).
+Every trial is an ordinary run directory keyed by the sweep ledger (cached, resumable), run through
+`experiments.sweep.run_job` in worker processes (why: DESIGN.md).
 
 Ctrl-C: the run in progress finishes its step, or its final phase's current part, and is recorded as interrupted
 (it runs again from the start next time), then Interrupted is raised. Workers run in their own session, so the
@@ -50,7 +35,9 @@ from rich.console import Console
 
 from core.errors import UserError
 from experiments.compare.plan import Option, Plan
-from experiments.sweep import Ledger, job_key, key_hash
+from experiments.sweep import Ledger, job_key, key_hash, run_job
+from trainer.device import threads as thread_count
+from trainer.run import main as run_main
 
 
 class Interrupted(UserError):
@@ -177,7 +164,7 @@ def read_result(trial: Trial, ledger: Ledger, metric: str, cached: bool) -> Resu
 
 # -- worker processes --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
+def output_to(path: Path) -> Iterator[None]:
     """stdout and stderr (file descriptors 1 and 2, so C-level output too) go to `path` for the duration."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -199,15 +186,11 @@ def _output_to(path: Path) -> Iterator[None]:
 def execute(cfg: DictConfig, overrides: list[str], run_dir: Path, sweep_dir: Path, threads: int) -> bool:
     """Run one trial in this process as a sweep job; False when a signal interrupted it (recorded in the ledger).
     `trial.json` in the run directory records the command with the threads it ran with."""
-    from experiments.sweep import run_job
-    from trainer.device import threads as thread_count
-    from trainer.run import main as run_main
-
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = sys.argv
     sys.argv = ["train.py", *overrides]
     try:
-        with thread_count(threads), _output_to(run_dir / "train.log"):
+        with thread_count(threads), output_to(run_dir / "train.log"):
             run_job(cfg, run_dir, [o for o in overrides if not o.startswith("hydra.")], sweep_dir, run_main,
                     summarize=False)
     except SystemExit:  # run_job recorded the interrupted job and stops the "sweep"

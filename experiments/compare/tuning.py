@@ -7,19 +7,6 @@ setting runs on a small budget, the best 1/eta go on to eta times the budget, an
             each a run of 1/9 of the budget
     rung 1: the best floor(n0 / 3), each a run of 1/3 of the budget
     rung 2: the best floor(n1 / 3), each a full run; the best of these is the option's setting
-
-Every rung trial is a complete run of its rung's length (not a run continued), so LR schedules keep their shape
-at every rung. The 2 extra points of rung 0 are chosen after the grid has run: past the grid's edge (two more
-half-decades) when the best grid point is on the edge or every point failed, which is flagged; otherwise a
-quarter-decade either side of the best. Either way every option runs the same trials per rung, so every option
-spends exactly the same number of steps, pruned, failed and diverged trials included; a failed trial ranks last
-and is still promoted when fewer than the rung's quota finished. When no full-budget trial finishes (it diverged,
-say), the best setting of the rung below that did not fail higher up is taken, and flagged: it never finished a
-full-budget run in tuning.
-
-Written here rather than taken from Optuna: its SuccessiveHalvingPruner stops one trial at a rung and resumes it
-on the next (a schedule then stops mid-way), and its trial counts depend on the sampler; this protocol needs fixed,
-equal trial counts and complete runs at each rung.
 """
 
 from __future__ import annotations

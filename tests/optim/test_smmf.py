@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from optim.smmf import SMMF, pack_signs, square_shape, unpack_signs
+from optim.smmf import SMMF, pack_signs, square_shape
 from tests.conftest import compose_cfg
 from tests.optim.harness import (
     MATRIX,
@@ -27,6 +27,12 @@ from tests.optim.harness import (
                                          (400 * 784, (560, 560))])
 def test_nearest_square_matrix(numel, shape):
     assert square_shape(numel) == shape
+
+
+def unpack_signs(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of pack_signs: the first `numel` bits as a bool tensor (little-endian within the byte)."""
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:numel].bool()
 
 
 def test_signs_pack_eight_to_a_byte_and_round_trip():
