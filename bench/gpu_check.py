@@ -329,7 +329,7 @@ def _fp16_runs(ctx: Ctx) -> dict[str, list[str]]:
            + f"; GradScaler(init_scale={FP16_INIT_SCALE:g})"
            for k, o in _fp16_runs(ctx).items()])
 def check_fp16_grad_scaler(ctx: Ctx) -> dict[str, Any]:
-    from trainer.loop import NonFiniteError
+    from trainer.nonfinite import NonFiniteError
 
     runs, steps = _fp16_runs(ctx), fp16_steps(ctx)
     work = ctx.work("fp16_grad_scaler")
@@ -340,7 +340,7 @@ def check_fp16_grad_scaler(ctx: Ctx) -> dict[str, Any]:
     n_clean, n_hit = (r.final.get("skipped_fp16_overflow", 0) for r in (clean, hit))
     s_clean, s_hit = (r.trainer.p.scaler.get_scale() for r in (clean, hit))
     figures = {"overflows": f"{n_hit} (clean run: {n_clean})", "step": hit.final["step"],
-               "schedule step": hit.trainer.p.scheduler.last_epoch, "scale": f"{s_hit:g} (clean: {s_clean:g})",
+               "schedule step": hit.trainer.p.scheduler.last_step, "scale": f"{s_hit:g} (clean: {s_clean:g})",
                "train loss": f"{hit.log.series('train/loss')[steps]:.4f} "
                              f"(clean: {clean.log.series('train/loss')[steps]:.4f})"}
     if n_clean:
@@ -348,7 +348,7 @@ def check_fp16_grad_scaler(ctx: Ctx) -> dict[str, Any]:
                      "below would not be the injected overflows'", figures)
     if n_hit != FP16_OVERFLOWS:
         raise Failed(f"{FP16_OVERFLOWS} injected overflows, the scaler skipped {n_hit}", figures)
-    if hit.final["step"] != steps or hit.trainer.p.scheduler.last_epoch != steps:
+    if hit.final["step"] != steps or hit.trainer.p.scheduler.last_step != steps:
         raise Failed("the skipped attempts advanced the step counter or the schedule", figures)
     if s_clean != FP16_INIT_SCALE or s_hit != s_clean / 2**FP16_OVERFLOWS:
         raise Failed(f"the loss scale went to {s_hit:g}, expected {s_clean / 2**FP16_OVERFLOWS:g}", figures)
@@ -532,11 +532,11 @@ def sync_guard(device: str) -> Iterator[Callable[[str], None]]:
 
 def guarded_fit(set_mode: Callable[[str], None], from_step: int, record: list | None = None) -> Callable:
     """A fit() whose training steps from `from_step` on run with the guard on, and off at the loop's own sync
-    points. The loop draws each step's batch indices first thing (sampler.indices) and calls _check_finite first at
+    points. The loop draws each step's batch indices first thing (sampler.indices) and calls guard.check first at
     every deliberate sync (log interval, evaluation, checkpoint, the end): those two are the switches."""
 
     def fit(trainer, log):
-        sampler, indices, check_finite = trainer.p.sampler, trainer.p.sampler.indices, trainer._check_finite
+        sampler, indices, check_finite = trainer.p.sampler, trainer.p.sampler.indices, trainer.guard.check
 
         def step_begins(step):
             if step >= from_step:
@@ -551,12 +551,12 @@ def guarded_fit(set_mode: Callable[[str], None], from_step: int, record: list | 
                 record.append(("default", trainer.step))
             return check_finite()
 
-        sampler.indices, trainer._check_finite = step_begins, sync_point
+        sampler.indices, trainer.guard.check = step_begins, sync_point
         try:
             return trainer.fit(log)
         finally:
             set_mode("default")
-            del sampler.indices, trainer._check_finite
+            del sampler.indices, trainer.guard.check
 
     return fit
 
@@ -599,7 +599,7 @@ def nan_at(call: int) -> Callable:
            f": NaN loss injected at step {sync_steps(ctx)[2]}" if k == "nan" else "")
            for k, o in _sync_runs(ctx).items()])
 def check_host_syncs(ctx: Ctx) -> dict[str, Any]:
-    from trainer.loop import NonFiniteError
+    from trainer.nonfinite import NonFiniteError
 
     runs, work = _sync_runs(ctx), ctx.work("host_syncs")
     steps, log, nan_step = sync_steps(ctx)

@@ -75,7 +75,7 @@ def test_evaluation_leaves_the_mps_stream_where_it_was(mps_generator, tmp_path):
     reference = torch.Generator()
     reference.set_state(mps_generator.get_state())
     cpu_reference = torch.get_rng_state()
-    trainer._eval_metrics()
+    trainer._eval_metrics(trainer.p.task.evaluate)
     trainer._evaluate(NullLogger())
     assert torch.equal(draws(mps_generator), draws(reference))
     assert torch.equal(torch.get_rng_state(), cpu_reference)

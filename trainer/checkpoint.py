@@ -164,7 +164,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", advice
         raise UserError(f"checkpoint {path} is not a kiln checkpoint (no training step in it).")
     return state
 
-
-def resolve_resume_path(path: str | os.PathLike) -> Path:
-    """The newest checkpoint at `path` (see resume_candidates)."""
-    return resume_candidates(path)[0]

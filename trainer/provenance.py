@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.resume import flatten
+from trainer.state import flatten
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = CONF / "recipe"

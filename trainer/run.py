@@ -44,7 +44,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, stop: Simp
     try:
         continuing = resume is not None and _within(Path(resume), run_dir)
         if parts.dist.agree(parts.dist.is_main and not continuing and holds_run(run_dir)):
-            if cfg.trainer.get("existing_run", "refuse") != "move_aside":
+            if cfg.trainer.existing_run != "move_aside":
                 raise ConfigError(
                     f"hydra.run.dir={run_dir} already holds a run ({_describe(run_dir)}); a fresh run there would mix "
                     f"with it. Continue it with trainer.resume={run_dir} (or trainer.resume=auto), pick another "

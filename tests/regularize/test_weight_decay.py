@@ -20,7 +20,7 @@ def test_coupled_gradient_equals_autograd_of_the_penalised_loss():
     opt = torch.optim.AdamW(param_groups(model), lr=0.1, weight_decay=0.3)
     decayed = list(opt.param_groups[0]["params"])
     model(x).pow(2).mean().backward()
-    coupled_weight_decay(opt, "coupled", 0.3)()
+    coupled_weight_decay(opt, "coupled", 0.3)(list(model.parameters()))
     ours = [p.grad.clone() for p in model.parameters()]
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)  # the optimizer no longer decays
 
