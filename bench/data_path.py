@@ -63,7 +63,7 @@ def samples_per_s(cfg) -> float:
 def loading_only(cfg) -> float:
     """Samples/s of the batch source alone: every micro-batch of the run's steps, on the device (the first step, with
     the workers' start-up, left out)."""
-    from trainer.loop import build
+    from trainer.build import build
 
     parts = build(cfg)
     steps = parts.horizon.total_steps - 1

@@ -169,7 +169,8 @@ class Trained:
 def train(overrides: list[str], run_dir: Path, tweak: Callable | None = None,
           fit: Callable | None = None) -> Trained:
     """build() -> (tweak the parts) -> Trainer -> fit, as trainer.run does, logging into a Recorder."""
-    from trainer.loop import Trainer, build
+    from trainer.build import build
+    from trainer.loop import Trainer
 
     start = time.perf_counter()
     parts = build(compose(overrides))
@@ -377,7 +378,7 @@ def check_fused_adamw(ctx: Ctx) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from optim.param_groups import config_param_groups
-    from trainer.loop import build
+    from trainer.build import build
 
     cfg = compose(ctx.overrides("regularize.dropout=0"))
     parts = build(cfg)
@@ -475,7 +476,7 @@ def _matmul_error(n: int = 4096) -> tuple[float, float]:
 def check_tf32(ctx: Ctx) -> dict[str, Any]:
     if not ctx.cuda:
         raise Skipped("TF32 is a CUDA tensor-core format")
-    from trainer.loop import build
+    from trainer.build import build
 
     torch.backends.cuda.matmul.allow_tf32 = False
     build(compose(ctx.overrides("trainer.tf32=true")))

@@ -18,8 +18,9 @@ from core.log import NullLogger
 from tests.conftest import compose_cfg
 from tests.test_faults import inf_grad_cfg
 from tests.test_loop import params
+from trainer.build import build
 from trainer.checkpoint import load_checkpoint
-from trainer.loop import Trainer, build
+from trainer.loop import Trainer
 from trainer.nonfinite import NonFiniteError
 
 

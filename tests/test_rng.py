@@ -10,7 +10,8 @@ import torch
 
 from core.log import NullLogger
 from tests.test_loop import line_cfg
-from trainer.loop import Trainer, build
+from trainer.build import build
+from trainer.loop import Trainer
 from trainer.rng import rng_state, seed_everything, set_rng_state
 
 

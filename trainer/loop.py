@@ -1,4 +1,4 @@
-"""The training loop: build() turns a composed config into live objects, Trainer.fit() trains them.
+"""The training loop: Trainer.fit() trains the Parts that trainer/build.py made from a config.
 
 One step: autocast forward -> scaled backward (x grad_accum) -> unscale -> gradient transforms (coupled L2 first)
 -> optimizer step -> schedule -> log at intervals -> evaluate -> early stopping -> checkpoint.
@@ -10,119 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import signal
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-from torch import nn
 
 from core import protocol
-from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
-from core.errors import BadSampleError, ConfigError, UserError
-from core.log import RunLogger, print_warning
-from core.sampler import SAMPLERS, EpochSampler, RandomSampler
-from core.task import Task
-from optim.param_groups import config_param_groups
-from optim.transforms import Chain
+from core.errors import BadSampleError
+from core.log import RunLogger
 from regularize.loss_reduction import REDUCTIONS
-from regularize.weight_decay import coupled_weight_decay
-from schedules import Horizon, Scheduler
-from trainer import distributed, state
+from trainer import state
+from trainer.build import Parts
 from trainer.checkpoint import CheckpointDir
-from trainer.device import resolve_device, set_threads
-from trainer.early_stop import EarlyStopping
 from trainer.nonfinite import REDO, STEP, NonFinite
-from trainer.rng import fork_rng, rank_seed, seed_everything
-
-
-def _build(node: DictConfig, key: str, *args: Any) -> Any:
-    """instantiate(node), called with `args` if given (a `_partial_` factory); errors name the config key."""
-    try:
-        obj = instantiate(node)
-        return obj(*args) if args else obj
-    except ConfigError:
-        raise
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from None
-
-
-@dataclass
-class Parts:
-    """Live objects built from a config (what build() returns)."""
-
-    cfg: DictConfig
-    device: torch.device
-    task: Task
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Scheduler
-    transforms: Chain  # coupled L2 (if any) first, then cfg.clip in order
-    sampler: EpochSampler | RandomSampler
-    horizon: Horizon
-    autocast: contextlib.AbstractContextManager
-    scaler: torch.amp.GradScaler | None
-    early_stop: EarlyStopping | None
-    dist: distributed.Dist
-    batches: DeviceBatches | LoaderBatches  # batches(step): this rank's micro-batches of step `step`
-
-
-def build(cfg: DictConfig) -> Parts:
-    t = cfg.trainer
-    dist, device_name = distributed.setup(t.strategy, t.device)
-    device = resolve_device(device_name)
-    autocast, scaler = _build(cfg.amp, "amp").bind(device)  # config problems surface before data loads
-    set_threads(t.threads)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":  # TF32 tensor cores for float32 matmuls and convolutions, or exact float32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t.tf32)
-
-    seed_everything(t.seed)
-    task: Task = _build(cfg.task, "task")
-    protocol.check_task(task)
-    task.loading = DataLoading.from_config(cfg.get("data"), device, warn=dist.is_main)
-    task.setup(device)
-    seed_everything(t.seed)  # the model's init does not depend on what data loading drew
-    model = task.build_model().to(device)
-
-    optimizer = _build(cfg.optimizer, "optimizer", config_param_groups(model, cfg.regularize))
-    try:
-        l2 = coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    sampler = SAMPLERS[task.sampling](task.train_size, task.batch_size, t.seed, sampler_device(task, device))
-    horizon = Horizon.for_run(t.max_steps, t.max_epochs, sampler.steps_per_epoch)
-    scheduler = Scheduler(_build(cfg.schedule, "schedule", horizon), optimizer)
-    clips = [_build(node, f"clip.{name}") for name, node in (cfg.clip or {}).items()]
-    transforms = Chain(([l2] if l2 else []) + clips)
-    early_stop = _build(cfg.early_stop, "early_stop") if cfg.early_stop else None
-    if task.batch_size % (dist.world * t.grad_accum):
-        raise ConfigError(f"task.batch_size={task.batch_size} must divide into {dist.world} ranks x "
-                          f"trainer.grad_accum={t.grad_accum} equal micro-batches")
-    warning = protocol.batchnorm_warning(model, task.batch_size, t.grad_accum, dist.world)
-    if warning and dist.is_main:
-        print_warning(warning)
-    batches = make_batches(task, sampler, dist, t.grad_accum, t.seed, horizon.total_steps)
-    seed = rank_seed(t.seed, dist.rank)  # per-rank streams for dropout and noise (the initial weights are rank 0's)
-    if seed is not None:
-        seed_everything(seed)
-    return Parts(cfg, device, task, model, optimizer, scheduler, transforms, sampler, horizon, autocast, scaler,
-                 early_stop, dist, batches)
-
-
-class Interrupted(UserError):
-    """SIGTERM / SIGINT: the run stopped (after a checkpoint, unless it says otherwise). Exit code 128 + signal."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
+from trainer.rng import fork_rng
+from trainer.signals import Interrupted, resume_command
 
 
 class Trainer:
@@ -357,7 +260,7 @@ class Trainer:
         path = self.save()
         self.p.dist.barrier()
         raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{where}; checkpoint "
-                          f"{path or self.run_dir}. Resume with:\n  {self.resume_command()}", self.signal)
+                          f"{path or self.run_dir}. Resume with:\n  {resume_command(self.run_dir)}", self.signal)
 
     def _stop_if_signalled(self, saved: Path | None, what: str) -> None:
         """A signal after the final checkpoint was written: the run's training is complete; say what is left."""
@@ -367,12 +270,7 @@ class Trainer:
         raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}, after the run's final "
                           f"checkpoint {saved or self.checkpoints.root}: its training is complete and {what}. "
                           f"Resume with (it trains no further; it evaluates and writes the final metrics and "
-                          f"pictures):\n  {self.resume_command()}", self.signal)
-
-    def resume_command(self) -> str:
-        """The command line that continues this run (train.py's own, with trainer.resume=<run dir>)."""
-        args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
-        return shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={self.run_dir}"])
+                          f"pictures):\n  {resume_command(self.run_dir)}", self.signal)
 
     def resume_hint(self, once: str = "") -> str:
         """Where a run stopped without a checkpoint of its step continues from (`once`: what must happen first)."""
@@ -380,4 +278,4 @@ class Trainer:
         if not last:
             return f"no checkpoint was written before it: {once}run the same command again."
         then = f"{once[:1].upper()}{once[1:]}resume" if once else "Resume"
-        return f"the last checkpoint is {last[-1]}. {then} with:\n  {self.resume_command()}"
+        return f"the last checkpoint is {last[-1]}. {then} with:\n  {resume_command(self.run_dir)}"

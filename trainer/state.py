@@ -68,8 +68,12 @@ def is_legitimate(key: str) -> bool:
     return _matches(key, LEGITIMATE) and not _matches(key, BREAKING)
 
 
-def _fmt(value: Any) -> str:
-    return "(absent)" if value is None else repr(value) if isinstance(value, str) else str(value)
+def _refused(source: str, why: str, diff: Mapping[str, tuple[Any, Any]], fix: str) -> ConfigError:
+    def fmt(v: Any) -> str:
+        return "(absent)" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+    lines = "\n".join(f"  {k}: {fmt(a)} -> {fmt(b)}" for k, (a, b) in diff.items())
+    return ConfigError(f"trainer.resume={source}: {why}:\n{lines}\n{fix}")
 
 
 def check_changes(old: Mapping, new: Mapping, source: str, allow: bool) -> dict[str, tuple[Any, Any]]:
@@ -83,28 +87,22 @@ def check_changes(old: Mapping, new: Mapping, source: str, allow: bool) -> dict[
                         "trainer.resume.")
     breaking = {k: v for k, v in changes.items() if not is_legitimate(k)}
     if breaking and not allow:
-        lines = "\n".join(f"  {k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in breaking.items())
-        raise ConfigError(
-            f"trainer.resume={source}: the checkpoint was written with a different config, and these changes break "
-            f"an exact continuation (task, model, optimizer type, seed, data order):\n{lines}\n"
-            "Resume with the checkpoint's values (its config.yaml), start a fresh run, or add "
-            "trainer.resume_allow_changes=true to continue with the changes on purpose.")
+        raise _refused(source, "the checkpoint was written with a different config, and these changes break an exact "
+                       "continuation (task, model, optimizer type, seed, data order)", breaking,
+                       "Resume with the checkpoint's values (its config.yaml), start a fresh run, or add "
+                       "trainer.resume_allow_changes=true to continue with the changes on purpose.")
     return changes
 
 
 def check_data(old: Mapping | None, new: Mapping, source: str, allow: bool) -> dict[str, tuple[Any, Any]]:
     """The checkpoint's data fingerprint against this run's, as {"data:<name>": (old, new)}; raises unless `allow`.
     A checkpoint without one has nothing to compare."""
-    if old is None:
-        return {}
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    changed = {} if old is None else config_changes(old, new)
     if changed and not allow:
-        lines = "\n".join(f"  {k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
-        raise ConfigError(
-            f"trainer.resume={source}: the checkpoint was written on other data than this run has, so the "
-            "continuation would not be exact (another epoch length, sample order or validation split; one curve "
-            f"would mix two data sets):\n{lines}\nResume with the data the run started with, start a fresh run, or "
-            "add trainer.resume_allow_data_changes=true to continue on these data on purpose.")
+        raise _refused(source, "the checkpoint was written on other data than this run has, so the continuation would "
+                       "not be exact (another epoch length, sample order or validation split; one curve would mix two "
+                       "data sets)", changed, "Resume with the data the run started with, start a fresh run, or add "
+                       "trainer.resume_allow_data_changes=true to continue on these data on purpose.")
     return {f"data:{k}": v for k, v in changed.items()}
 
 
@@ -235,7 +233,7 @@ def resume(tr: Any, path: str | Path) -> dict[str, Any]:
         t, new = p.cfg.trainer, OmegaConf.to_container(p.cfg, resolve=True)
         changes = check_changes(state.get("config", {}), new, str(path), allow=t.resume_allow_changes)
         changes.update(check_data(state.get("data"), tr.data, str(path), allow=t.resume_allow_data_changes))
-        load_state_dict(tr, state, changes)
+        tr.load_state_dict(state, changes)
         return {"checkpoint": ckpt, "sha256": file_digest(ckpt), "step": tr.step, "run_id": state.get("run_id"),
                 "changes": {k: list(v) for k, v in changes.items() if not k.startswith("trainer.resume")}}
     raise UserError(f"trainer.resume={path}: no readable checkpoint there. " + " ".join(unreadable))

@@ -34,8 +34,8 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
     from omegaconf import open_dict
 
     from experiments.compare.runs import _output_to
+    from trainer.build import build
     from trainer.device import threads as thread_count
-    from trainer.loop import build
     from trainer.run import run
     from trainer.validate import validate
 
