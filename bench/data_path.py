@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import compose_cfg  # noqa: E402
-from trainer.loop import build  # noqa: E402
+from trainer.build import build  # noqa: E402
 from trainer.run import run  # noqa: E402
 
 COMMON = ("optimizer=adam", "optimizer.lr=1e-3", "schedule=constant", "trainer.eval_interval=0",

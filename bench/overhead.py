@@ -75,10 +75,11 @@ def with_trainer(data_root: str, steps: int, block: int, seed: int = 0):
     from trainer.run import run
 
     # all 60,000 images, as the hand-written loop (the VAE task holds 5,000 out for validation by default)
-    cfg = compose_cfg(f"data.root={data_root}", "task.val_size=0", "optimizer=adam", "optimizer.lr=1e-3",
-                      "schedule=constant", f"trainer.max_steps={steps}", f"trainer.log_interval={block}",
-                      "trainer.eval_interval=0", "trainer.checkpoint_interval=0", "trainer.histogram_interval=0",
-                      "trainer.pictures=false", "trainer.progress=off", f"trainer.seed={seed}")
+    cfg = compose_cfg(f"data.root={data_root}", "task.val_size=0", "monitor.metric=test_loss", "optimizer=adam",
+                      "optimizer.lr=1e-3", "schedule=constant", f"trainer.max_steps={steps}",
+                      f"trainer.log_interval={block}", "trainer.eval_interval=0", "trainer.checkpoint_interval=0",
+                      "trainer.histogram_interval=0", "trainer.pictures=false", "trainer.progress=off",
+                      f"trainer.seed={seed}")
     with tempfile.TemporaryDirectory() as tmp:
         run(cfg, Path(tmp))
         state = load_checkpoint(Path(tmp) / "checkpoints" / "last.pt")["model"]

@@ -325,7 +325,7 @@ def make_batches(task: Any, sampler: Any, dist: Any, grad_accum: int, seed: int,
                               "train_dataset() (a map-style Dataset) nor train_batch(indices); see core/task.py")
         return DeviceBatches(task, sampler, dist, grad_accum, task.loading)
     return LoaderBatches(dataset, sampler, dist, grad_accum, task.loading, seed, total_steps,
-                         getattr(task, "collate", None))
+                         task.collate)
 
 
 def sampler_device(task: Any, device: torch.device) -> torch.device:

@@ -35,6 +35,11 @@ def task_name(task: Any) -> str:
     return f"{type(task).__module__}.{type(task).__qualname__}"
 
 
+def overrides(task: Any, hook: str) -> bool:
+    """Does the task's class define its own optional `hook` (not core/task.py's default)?"""
+    return getattr(type(task), hook, getattr(Task, hook)) is not getattr(Task, hook)
+
+
 def _contract(method: Any) -> str:
     """The first sentence of a Task method's docstring: the rule as core/task.py states it."""
     doc = " ".join((inspect.getdoc(method) or "").split())
@@ -146,7 +151,7 @@ def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bo
     lines = []
     for key, name, every_eval in watched:
         if name in evals or (not every_eval and (name in (finals or {}) or
-                                                 (finals is None and hasattr(task, "final_metrics")))):
+                                                 (finals is None and overrides(task, "final_metrics")))):
             continue
         sources = interpolated_from(cfg, key)
         via = "".join(f" (from ${{{s}}})" for s in sources)

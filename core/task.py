@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -108,5 +109,20 @@ class Task(abc.ABC):
         early stopping and plateau schedules name one of them. Called with the model in eval mode, gradients off and
         a fixed RNG seed."""
 
+    # -- optional hooks: the trainer calls them; the defaults do nothing (override what the task has) -------------
+    tokens_per_sample: int | None = None  # tokens in one sample: logs train/tokens_per_s
+
+    @staticmethod
+    def collate(samples: list[Any]) -> Any:
+        """DataLoader samples -> one batch (optional; a static default, so workers need not pickle the task)."""
+        return default_collate(samples)
+
+    def final_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Metrics computed once at the end with the final weights, e.g. a test split (optional; {}: none)."""
+        return {}
+
     def pictures(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:  # noqa: B027 (optional)
         """Write images or figures to TensorBoard at evaluation time (optional)."""
+
+    def save_pictures(self, model: nn.Module, folder: Path) -> None:  # noqa: B027 (optional)
+        """Write picture files into `folder` at the end of the run (optional)."""

@@ -1,8 +1,9 @@
-"""Gradient transforms, applied in config order after unscaling and before the optimizer step.
+"""Gradient transforms, applied in order after unscaling and before the optimizer step.
 
 Each transform is a small object: `__call__(params)` edits `p.grad` in place, and `state_dict` /
 `load_state_dict` carry whatever it remembers (like optax's GradientTransformation). They never read
-values back to the host, so they add no synchronisation to the step.
+values back to the host, so they add no synchronisation to the step. The trainer's Chain starts with the
+loss terms (coupled L2, like optax's add_decayed_weights), then the config's transforms in config order.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def global_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 
 class GradientTransform:
     """Base class: stateless unless a subclass says otherwise."""
+
+    loss_term = False  # True: it adds a loss term's gradient (coupled L2); "the gradient" includes it
 
     def __call__(self, params: Sequence[torch.nn.Parameter]) -> None:
         raise NotImplementedError
@@ -275,17 +278,24 @@ class LayerScale(GradientTransform):
 
 
 class Chain(GradientTransform):
-    """Several transforms applied in order; its state is the list of theirs."""
+    """Several transforms applied in order (the loss terms first); its state is the list of theirs."""
 
     def __init__(self, transforms: Sequence[GradientTransform]) -> None:
         self.transforms = list(transforms)
+        self.terms = sum(t.loss_term for t in self.transforms)
+        assert all(t.loss_term for t in self.transforms[:self.terms]), "loss terms lead the chain"
 
-    def __bool__(self) -> bool:
-        return bool(self.transforms)
-
-    def __call__(self, params: Sequence[torch.nn.Parameter]) -> None:
-        for t in self.transforms:
+    def __call__(self, params: Sequence[torch.nn.Parameter], norms: bool = False) -> dict[str, torch.Tensor]:
+        """With `norms`: the global norm of the gradient (loss terms included) before the other transforms, and
+        after them when there are any (device tensors: no sync)."""
+        for t in self.transforms[:self.terms]:
             t(params)
+        out = {"grad_norm": global_norm(params)} if norms else {}
+        for t in self.transforms[self.terms:]:
+            t(params)
+        if norms and len(self.transforms) > self.terms:
+            out["grad_norm_after_transforms"] = global_norm(params)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"transforms": [t.state_dict() for t in self.transforms]}

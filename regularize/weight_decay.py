@@ -2,9 +2,9 @@
 
 decoupled: the optimizer applies it (AdamW: p -= lr*wd*p, outside the adaptive step).
 coupled:   L2 regularisation, (wd/2)*||p||^2 added to the loss. Its gradient is wd*p, so instead of growing the
-           autograd graph the trainer adds wd*p to the gradients of the decayed parameters after unscaling and
-           before the gradient transforms: exactly the gradient of the penalised loss. The optimizer's own
-           weight_decay is then set to 0, so nothing is decayed twice.
+           autograd graph the first link of the trainer's gradient-transform chain adds wd*p to the gradients of
+           the decayed parameters (after unscaling, before clipping): exactly the gradient of the penalised loss.
+           The optimizer's own weight_decay is then set to 0, so nothing is decayed twice.
 
 Coupled mode needs an optimizer with a weight_decay hyperparameter: optimizers that regularize by a rule of
 their own (CPR's norm constraint, Amos's adaptive decay) have none to move into the loss, and zeroing their
@@ -18,11 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
+from optim.transforms import GradientTransform
+
 MODES = ("decoupled", "coupled")
 
 
-class CoupledWeightDecay:
+class CoupledWeightDecay(GradientTransform):
     """g += wd * p for the parameters of the optimizer's decayed groups (those with weight_decay > 0)."""
+
+    loss_term = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
         self.weight_decay = weight_decay
@@ -32,7 +36,7 @@ class CoupledWeightDecay:
                 self.params += group["params"]
             group["weight_decay"] = 0.0
 
-    def __call__(self) -> None:
+    def __call__(self, params: Sequence[torch.nn.Parameter]) -> None:
         with torch.no_grad():
             pairs = [(p.grad, p) for p in self.params if p.grad is not None]
             if pairs:
@@ -42,7 +46,7 @@ class CoupledWeightDecay:
 
 def coupled_weight_decay(optimizer: torch.optim.Optimizer, mode: str, weight_decay: float
                          ) -> CoupledWeightDecay | None:
-    """The coupled-L2 step for `mode`, or None when the optimizer handles weight decay itself (or there is none).
+    """The coupled-L2 transform for `mode`, or None when the optimizer handles weight decay itself (or there is none).
     ValueError naming the keys when `mode` is unknown, or coupled with an optimizer that has no weight decay."""
     if mode not in MODES:
         raise ValueError(f"regularize.weight_decay_mode={mode!r}: use one of {', '.join(MODES)}")

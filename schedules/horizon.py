@@ -10,6 +10,12 @@ class Horizon:
     total_steps: int
     steps_per_epoch: int
 
+    @classmethod
+    def for_run(cls, max_steps: int | None, max_epochs: float | None, steps_per_epoch: int) -> Horizon:
+        """The run's length: trainer.max_steps, else trainer.max_epochs epochs (the config states one of them)."""
+        total = max_steps if max_steps is not None else max_epochs * steps_per_epoch
+        return cls(total_steps=int(total), steps_per_epoch=steps_per_epoch)
+
     def steps(self, duration: int | float | str | None) -> int:
         """Convert a duration to optimizer steps. 0/None: zero; "2ep": two epochs; 0.05: 5% of the run."""
         if duration is None:

@@ -1,9 +1,8 @@
 """Reduce on plateau: the one schedule driven by evaluation metrics instead of the step alone.
 
-A Plateau is a small callable object: `observe(metrics)` after every evaluation (the trainer does this for any
-LambdaLR lambda that has `observe`), `__call__(step)` for the multiplier. All of its state lives in plain
-attributes (numbers and strings), because LambdaLR.state_dict() saves a callable object's `__dict__` and
-load_state_dict() restores it: a resumed run continues with the same best value, counters and multiplier.
+A Plateau is a small callable object: `observe(metrics)` after every evaluation (schedules.Scheduler.observe),
+`__call__(step)` for the multiplier, and `state_dict()` / `load_state_dict()` for the best value, counters and
+multiplier, so a resumed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from schedules.horizon import Horizon
 
 MODES = ("min", "max")
 THRESHOLD_MODES = ("rel", "abs")
+STATE = ("multiplier", "best", "bad_evals", "cooldown_left", "evaluations")
 
 
 class Plateau:
@@ -58,6 +58,13 @@ class Plateau:
         if step < self.warmup_steps:
             return linear_warmup(step, self.warmup_steps) * self.multiplier
         return self.multiplier
+
+    def state_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in STATE}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        for k in STATE:
+            setattr(self, k, state[k])
 
     def improved(self, value: float) -> bool:
         if self.threshold_mode == "rel":

@@ -12,8 +12,8 @@ import torch
 from core.batches import StepBatchSampler
 from core.sampler import EpochSampler
 from tests.conftest import compose_cfg
+from trainer.build import build
 from trainer.distributed import Dist
-from trainer.loop import build
 
 
 def digits_cfg(folder, *overrides):

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from core.errors import UserError
-from trainer.checkpoint import CheckpointDir, atomic_save, load_checkpoint, resolve_resume_path
+from trainer.checkpoint import CheckpointDir, atomic_save, load_checkpoint, resume_candidates
+
+
+def newest(path):
+    """The checkpoint trainer.resume=<path> tries first."""
+    return resume_candidates(path)[0]
 
 
 def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -45,11 +50,11 @@ def test_resume_path_from_run_dir_folder_or_file(tmp_path):
     ckpts = CheckpointDir(tmp_path / "checkpoints")
     ckpts.save({"step": 5}, 5)
     ckpts.save({"step": 9}, 9)
-    assert resolve_resume_path(tmp_path).name == "step-00000009.pt"
-    assert resolve_resume_path(tmp_path / "checkpoints").name == "step-00000009.pt"
-    assert resolve_resume_path(tmp_path / "checkpoints" / "step-00000005.pt").name == "step-00000005.pt"
+    assert newest(tmp_path).name == "step-00000009.pt"
+    assert newest(tmp_path / "checkpoints").name == "step-00000009.pt"
+    assert newest(tmp_path / "checkpoints" / "step-00000005.pt").name == "step-00000005.pt"
     with pytest.raises(UserError, match="no checkpoint found"):
-        resolve_resume_path(tmp_path / "elsewhere")
+        newest(tmp_path / "elsewhere")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

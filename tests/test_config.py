@@ -11,7 +11,8 @@ import torch
 
 from core.errors import ConfigError
 from tests.conftest import ROOT, compose_cfg, run_cli
-from trainer.loop import Trainer, build
+from trainer.build import build
+from trainer.loop import Trainer
 
 GROUPS = ["optimizer", "schedule", "norm", "clip", "amp", "early_stop", "task", "regularize", "trainer"]
 

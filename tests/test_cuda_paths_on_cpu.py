@@ -18,8 +18,10 @@ from core.log import NullLogger
 from tests.conftest import compose_cfg
 from tests.test_faults import inf_grad_cfg
 from tests.test_loop import params
+from trainer.build import build
 from trainer.checkpoint import load_checkpoint
-from trainer.loop import NonFiniteError, Trainer, build
+from trainer.loop import Trainer
+from trainer.nonfinite import NonFiniteError
 
 
 def fp16_trainer(cfg, run_dir) -> Trainer:
@@ -39,7 +41,7 @@ def test_fp16_overflow_is_redone_without_advancing_the_step_or_schedule(tmp_path
     clean, _ = fp16_run(inf_grad_cfg("trainer.max_steps=16", inf_grad=()), tmp_path / "clean")
     final, trainer = fp16_run(inf_grad_cfg("trainer.max_steps=16", times=2), tmp_path / "overflow")
     assert final["step"] == 16 and final["skipped_fp16_overflow"] == 2 and "skipped_nonfinite" not in final
-    assert trainer.p.scheduler.last_epoch == 16
+    assert trainer.p.scheduler.last_step == 16
     assert trainer.p.scaler.get_scale() == 65536.0 / 4
     assert final["distance"] == clean["distance"]
     assert torch.equal(params(tmp_path / "overflow")["w"], params(tmp_path / "clean")["w"])

@@ -18,7 +18,8 @@ from core.sampler import EpochSampler
 from tests.conftest import ROOT, compose_cfg, run_cli
 from tests.test_loop import line_cfg, params
 from trainer.checkpoint import CheckpointDir, load_checkpoint
-from trainer.loop import NonFiniteError, Trainer
+from trainer.loop import Trainer
+from trainer.nonfinite import NonFiniteError
 from trainer.run import run
 
 

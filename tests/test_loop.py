@@ -45,7 +45,7 @@ def test_grad_accumulation_4x32_equals_one_batch_of_128(mnist_root, tmp_path):
 
 
 def load_init(root):
-    from trainer.loop import build
+    from trainer.build import build
 
     return build(vae_cfg(root)).model.state_dict()
 
@@ -120,7 +120,7 @@ def test_early_stopping_min_delta_and_max_mode(tmp_path):
 def test_trainer_threads_are_set_only_when_they_change_the_count(mnist_root, monkeypatch):
     """Setting torch's thread count, even to the count it already uses, made the char-GPT's steps ~5% slower on
     a 2-core AMD EPYC (bench/peer.py): trainer.threads equal to the current count leaves torch alone."""
-    from trainer.loop import build
+    from trainer.build import build
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)

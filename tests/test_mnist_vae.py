@@ -67,7 +67,7 @@ def test_norm_layer_kinds():
 def test_the_validation_split_is_carved_from_training_and_fixed_across_trainer_seeds(mnist_root):
     from tasks.data import load_mnist
     from tests.conftest import compose_cfg
-    from trainer.loop import build
+    from trainer.build import build
 
     raw_train = load_mnist(mnist_root, download=False)[0].reshape(60000, 784)
     tasks = [build(compose_cfg(f"data.root={mnist_root}", f"trainer.seed={seed}", "trainer.device=cpu")).task

@@ -14,8 +14,9 @@ import pytest
 from core.errors import ConfigError, UserError
 from tests.test_loop import line_cfg
 from trainer.checkpoint import load_checkpoint
-from trainer.loop import Interrupted, Trainer
+from trainer.loop import Trainer
 from trainer.run import run
+from trainer.signals import Interrupted
 
 
 def toy(*overrides, **task):

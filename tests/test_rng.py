@@ -10,7 +10,8 @@ import torch
 
 from core.log import NullLogger
 from tests.test_loop import line_cfg
-from trainer.loop import Trainer, build
+from trainer.build import build
+from trainer.loop import Trainer
 from trainer.rng import rng_state, seed_everything, set_rng_state
 
 
@@ -75,7 +76,7 @@ def test_evaluation_leaves_the_mps_stream_where_it_was(mps_generator, tmp_path):
     reference = torch.Generator()
     reference.set_state(mps_generator.get_state())
     cpu_reference = torch.get_rng_state()
-    trainer._eval_metrics()
+    trainer._eval_metrics(trainer.p.task.evaluate)
     trainer._evaluate(NullLogger())
     assert torch.equal(draws(mps_generator), draws(reference))
     assert torch.equal(torch.get_rng_state(), cpu_reference)

@@ -19,8 +19,8 @@ from tests.experiments.test_compare import CONF, run_main
 from tests.test_loop import line_cfg
 from tests.toy import LineTask
 from trainer.checkpoint import CheckpointDir, load_checkpoint
-from trainer.loop import Interrupted
 from trainer.run import run
+from trainer.signals import Interrupted
 
 TOY = [f"hydra.searchpath=[file://{CONF}]", "task=compare_toy", "task._target_=tests.signal_toy.SelfSignalling",
        "trainer.max_steps=6", "trainer.eval_interval=3", "trainer.log_interval=1", "trainer.progress=off"]

@@ -8,6 +8,7 @@ mid-write leaves a `.step-....tmp` file behind; `CheckpointDir.clear_debris` rem
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -44,12 +45,9 @@ def fsync_dir(folder: Path) -> None:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # Windows cannot open a folder; its renames are durable by other means
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def file_digest(path: Path) -> str:
@@ -62,7 +60,8 @@ def file_digest(path: Path) -> str:
 
 
 def keep_copy(src: Path, dst: Path) -> None:
-    """dst holds src's bytes from now on, whatever happens to src (a hard link where the file system allows)."""
+    """dst holds src's bytes from now on, whatever happens to src (a hard link where the file system allows; the
+    rename is atomic, so a reader sees the old dst or the new one)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.keep")
     tmp.unlink(missing_ok=True)
@@ -70,18 +69,6 @@ def keep_copy(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-
-
-def _atomic_link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links
-        atomic_save(torch.load(src, weights_only=False), dst)
-        return
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
 
@@ -101,7 +88,7 @@ class CheckpointDir:
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.root / f"step-{step:08d}.pt"
         atomic_save(state, path)
-        _atomic_link(path, self.root / "last.pt")
+        keep_copy(path, self.root / "last.pt")
         if self.keep > 0:  # never deletes the file just written
             for old in self.step_files()[: -self.keep]:
                 old.unlink(missing_ok=True)
@@ -114,7 +101,7 @@ class CheckpointDir:
         """Remove the temporary files of writes a killed process never finished; returns what was removed."""
         if not self.root.is_dir():
             return []
-        debris = [p for p in self.root.iterdir() if p.name.startswith(".") and p.suffix in (".tmp", ".link", ".keep")]
+        debris = [p for p in self.root.iterdir() if p.name.startswith(".") and p.suffix in (".tmp", ".keep")]
         for p in debris:
             p.unlink(missing_ok=True)
         return debris
@@ -129,7 +116,7 @@ class CheckpointDir:
                 os.replace(p, self.root / "superseded" / p.name)
             last = self.step_files()
             if last:
-                _atomic_link(last[-1], self.root / "last.pt")
+                keep_copy(last[-1], self.root / "last.pt")
         return newer
 
 
@@ -164,7 +151,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", advice
         raise UserError(f"checkpoint {path} is not a kiln checkpoint (no training step in it).")
     return state
 
-
-def resolve_resume_path(path: str | os.PathLike) -> Path:
-    """The newest checkpoint at `path` (see resume_candidates)."""
-    return resume_candidates(path)[0]

@@ -2,10 +2,9 @@
 
     torchrun --nproc_per_node=N train.py trainer.strategy=ddp [hydra.run.dir=...]
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the process group uses nccl on CUDA and
-gloo on CPU. Every rank draws the same global batch indices and keeps its own contiguous slice of them, so N
-ranks see exactly the samples one process would; each rank normalises its loss by its slice, and DDP's gradient
-average makes the result the global batch mean. Only rank 0 logs, prints and writes checkpoints.
+nccl on CUDA, gloo on CPU. Every rank draws the same global batch indices and keeps its own contiguous slice, so N
+ranks see exactly the samples one process would; DDP's gradient average gives the global batch mean. Only rank 0
+logs, prints and writes checkpoints.
 """
 
 from __future__ import annotations

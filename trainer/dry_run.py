@@ -1,6 +1,6 @@
 """`trainer.dry_run=true`: print the composed config and the numbers the run would have, then exit (code 0).
 
-The parts are built as for training (trainer.loop.build: data loads, the model is created), nothing is trained.
+The parts are built as for training (trainer.build.build: data loads, the model is created), nothing is trained.
 The optimizer-state size is measured on a copy of the model with its own optimizer after one step on zero
 gradients (state is created lazily by most optimizers), so the real model and optimizer are left untouched.
 """
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optim.param_groups import config_param_groups
-from trainer.loop import build
+from trainer.build import build
 
 
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
@@ -48,16 +48,12 @@ def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
     return _tensor_bytes(opt.state_dict(), set())
 
 
-def _warmup_steps(cfg: DictConfig, horizon: Any) -> int | None:
-    warmup = cfg.schedule.get("warmup") if isinstance(cfg.schedule, DictConfig) else None
-    return None if warmup is None else horizon.steps(warmup)
-
-
 def dry_run(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
     """Print the config and the derived numbers; return the numbers."""
     console = console or Console()
     parts = build(cfg)
     h, t = parts.horizon, cfg.trainer
+    warmup = cfg.schedule.get("warmup") if isinstance(cfg.schedule, DictConfig) else None
     n_params = sum(p.numel() for p in parts.model.parameters())
     numbers: dict[str, Any] = {
         "device": str(parts.device),
@@ -68,7 +64,7 @@ def dry_run(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
         "steps_per_epoch": int(parts.sampler.steps_per_epoch),
         "total_steps": int(h.total_steps),
         "epochs": round(h.total_steps / parts.sampler.steps_per_epoch, 4),
-        "warmup_steps": _warmup_steps(cfg, h),
+        "warmup_steps": None if warmup is None else h.steps(warmup),
         "log_interval_steps": max(1, h.steps(t.log_interval)),
         "eval_interval_steps": h.steps(t.eval_interval),
         "checkpoint_interval_steps": h.steps(t.checkpoint_interval),

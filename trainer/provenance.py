@@ -1,22 +1,9 @@
 """Where each value of a run's config came from, for its manifest: an option's YAML, the recipe, or the command line.
 
-Hydra composes in this order (conf/train.yaml): each group's option, `conf/<group>/<option>.yaml`; the recipe's own
-file, `recipes/<recipe>.yaml` (the options it picks, its `expect` block); the recipe's values for the options it
-names, `recipes/<recipe>/<group>/<option>.yaml`; the sweep preset; and last the command line, which always wins.
-
-A recipe's values for a group belong to the option it names, so they sit in a file named after that option and
-train.yaml merges it only when that option is the chosen one (an `optional` defaults entry whose name interpolates
-the choice, `${recipe}/optimizer/${optimizer}`): `recipe=char_transformer_cpu optimizer=lion` runs Lion from
-conf/optimizer/lion.yaml, not at the recipe's AdamW lr and betas, and `recipe=mnist_cnn early_stop=off` has no
-patience left over. This is Hydra's own composition, not a step after it, so every caller that composes `train`
-(train.py, sweeps and their launchers, `hydra.compose` in tests and tools, `--cfg job`, Hydra's .hydra/config.yaml)
-gets the same config with no code of ours to remember to call; a post-composition step would have kept each recipe
-in one file but left every other composer with the leaking config. Hydra cannot interpolate a list-valued choice,
-so the `clip` group (`clip=[value,norm]`) has no such entry and recipes set no clip values.
-
-`config_sources` reconstructs that record from Hydra's choices (the running job's, or a fresh composition of the
-overrides checked against the config) and the recipe files; it returns None when the config cannot have come from
-these overrides alone (a program built or edited it).
+Hydra composes (conf/train.yaml) each group's option, the recipe's file, the recipe's values for the options it
+names (recipes/<recipe>/<group>/<option>.yaml, merged only when that option is chosen), the sweep preset, and last
+the command line. `config_sources` reconstructs that record from Hydra's choices and the recipe files; None when the
+config cannot have come from these overrides alone (a program built or edited it).
 """
 
 from __future__ import annotations
@@ -27,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.resume import flatten
+from trainer.state import flatten
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = CONF / "recipe"

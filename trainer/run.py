@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,10 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from core.errors import ConfigError, UserError
 from core.log import NullLogger, RunLogger, print_error, print_warning
 from trainer import distributed
+from trainer.build import build
 from trainer.checkpoint import CheckpointDir
 from trainer.dry_run import dry_run
-from trainer.loop import Interrupted, Trainer, build
+from trainer.loop import Trainer
 from trainer.run_dir import write_run_files
+from trainer.signals import Interrupted, stop_on_signals
 from trainer.validate import validate
 
 
@@ -44,7 +42,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, stop: Simp
     try:
         continuing = resume is not None and _within(Path(resume), run_dir)
         if parts.dist.agree(parts.dist.is_main and not continuing and holds_run(run_dir)):
-            if cfg.trainer.get("existing_run", "refuse") != "move_aside":
+            if cfg.trainer.existing_run != "move_aside":
                 raise ConfigError(
                     f"hydra.run.dir={run_dir} already holds a run ({_describe(run_dir)}); a fresh run there would mix "
                     f"with it. Continue it with trainer.resume={run_dir} (or trainer.resume=auto), pick another "
@@ -118,45 +116,6 @@ def move_aside(run_dir: Path) -> Path:
         if p != dest and not p.name.startswith("previous_run_") and p.name != ".hydra" and p.suffix != ".log":
             shutil.move(str(p), dest / p.name)
     return dest
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[SimpleNamespace]:
-    """SIGTERM / SIGINT during a run. While it trains (`stop.trainer` set), the first signal sets `trainer.signal`:
-    the step in progress finishes, a checkpoint is written, the run exits with 128 + signal (143 / 130); so does the
-    final phase (see Trainer.fit). Before training begins, after the run finished (`stop.finished`), and at a second
-    signal, the run stops at once: an Interrupted error, one paragraph, no traceback."""
-    stop = SimpleNamespace(trainer=None, finished=False)
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    signums = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.getsignal(s) for s in signums}
-
-    def handler(signum: int, frame: Any) -> None:
-        trainer = stop.trainer
-        if trainer is not None and trainer.signal is None and not stop.finished:
-            trainer.signal = signum
-            return
-        name = signal.Signals(signum).name
-        if stop.finished:
-            why = (f"stopped by {name} after the run finished (final_metrics.json and its last checkpoint are "
-                   "written): nothing is lost.")
-        elif trainer is None:
-            why = (f"stopped by {name} before training began: nothing was trained, and a checkpoint being resumed "
-                   "from is untouched. Run the same command again.")
-        else:
-            why = f"stopped at once by a second {name} at step {trainer.step}, without a checkpoint of it; " + \
-                trainer.resume_hint()
-        raise Interrupted(why, signum)
-
-    for s in signums:
-        signal.signal(s, handler)
-    try:
-        yield stop
-    finally:
-        for s in signums:
-            signal.signal(s, previous[s])
 
 
 def _fingerprint(cfg: DictConfig | dict) -> dict:

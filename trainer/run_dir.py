@@ -1,9 +1,8 @@
 """What every run directory records about itself: resolved config, overrides, and a manifest.
 
-The manifest says who the run is, not only where it lies: a `run_id` (also written into every checkpoint), where it
-started (`start`: step 0, or the exact checkpoint it was resumed from, by sha256, with a kept copy) and every later
-resume (`resumes`: step, checkpoint, sha256, the config changes applied). Replay reads it to start from the same
-bytes the original did.
+The manifest says who the run is: a `run_id` (also in every checkpoint), where it started (`start`: step 0, or the
+checkpoint it was resumed from, by sha256, with a kept copy) and every later resume (`resumes`, with the config
+changes applied). Replay reads it to start from the same bytes the original did.
 """
 
 from __future__ import annotations

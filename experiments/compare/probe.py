@@ -22,8 +22,8 @@ from omegaconf import open_dict
 
 from experiments.compare.plan import ROOT, Option, Plan
 from experiments.compare.runs import output_to
+from trainer.build import build
 from trainer.device import threads as thread_count
-from trainer.loop import build
 from trainer.run import run
 
 SHORT, LONG = 10, 50

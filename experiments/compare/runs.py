@@ -137,7 +137,7 @@ class Result:
 
 
 def _diverged(error: str) -> bool:
-    """A run stopped by a non-finite loss (trainer.loop.NonFiniteError): a result of its setting, not an accident."""
+    """A run stopped by a non-finite loss (trainer.nonfinite.NonFiniteError): a result of its setting."""
     return "NonFinite" in error or "non-finite" in error
 
 

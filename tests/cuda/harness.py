@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, compose_cfg, need_data
-from trainer.loop import Trainer, build
+from trainer.build import build
+from trainer.loop import Trainer
 
 RECIPE = "char_transformer_gpu"
 # Every test runs on the CPU (the normal suite) and on CUDA (marked cuda: `make gpu-check`), unless it says otherwise.

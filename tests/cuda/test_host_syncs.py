@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.cuda.harness import DEVICES, guarded_steps, nan_at, overrides, pick, poison_loss, sync_guard, train
-from trainer.loop import NonFiniteError
+from trainer.nonfinite import NonFiniteError
 
 
 def sync_args(device: str) -> tuple[list[str], int, int, int]:

@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from optim.param_groups import config_param_groups
 from tests.conftest import compose_cfg
 from tests.cuda.harness import DEVICES, fp16, max_rel_diff, overflow_at, overrides, pick, train
-from trainer.loop import NonFiniteError, build
+from trainer.build import build
+from trainer.nonfinite import NonFiniteError
 
 BF16_TOL = 1e-2  # bf16 keeps 8 significant bits (relative rounding 2^-9): mean losses follow float32's closely
 

@@ -115,7 +115,7 @@ def test_diverged_trials_are_counted(compared):
 
 
 def test_seed_k_gives_every_option_the_same_weights_and_batches(compared):
-    from trainer.loop import build
+    from trainer.build import build
 
     seeds = [t for t in compared.doc["trials"] if t["phase"] == "seed"]
     assert sorted({t["seed"] for t in seeds}) == [1, 2] and len(seeds) == 4

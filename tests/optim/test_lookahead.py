@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from optim.adalo import AdaLo
 from optim.lookahead import Lookahead
 from optim.nsgda import NSGDA
+from schedules import Scheduler
 from tests.conftest import compose_cfg
 from tests.optim.harness import (
     MATRIX,
@@ -66,10 +67,10 @@ def test_seven_steps_match_the_rule_with_per_group_k_and_alpha():
 def test_schedules_reach_the_inner_optimizer():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = Lookahead([p], functools.partial(torch.optim.SGD, lr=1.0))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    sched = Scheduler(lambda step: 0.5**step, opt)  # what the trainer uses
     p.grad = torch.ones(3)
     opt.step()
-    sched.step()
+    sched.step(1)
     assert opt.inner.param_groups[0]["lr"] == 0.5 and opt.param_groups is opt.inner.param_groups
 
 

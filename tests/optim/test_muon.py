@@ -14,6 +14,7 @@ from torch import nn
 from optim import muon as muon_module
 from optim.muon import Muon, newton_schulz, orthogonalization_dtype
 from optim.param_groups import output_heads, param_groups, param_role
+from schedules import Scheduler
 from tasks.mnist_vae import VAE
 from tests.conftest import compose_cfg
 from tests.optim.harness import assert_converges, assert_state_dict_lockstep, quadratic, rosenbrock
@@ -105,10 +106,10 @@ def test_steps_exactly_like_torch_muon_and_adamw_side_by_side():
 def test_a_schedule_reaches_both_halves():
     model = Tiny()
     opt = Muon(param_groups(model), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    sched = Scheduler(lambda step: 0.5**step, opt)  # what the trainer uses
     model(torch.tensor([[1, 2]])).sum().backward()
     opt.step()
-    sched.step()
+    sched.step(1)
     opt.step()
     assert {g["lr"] for g in opt.muon.param_groups + opt.adamw.param_groups} == {0.05}
 

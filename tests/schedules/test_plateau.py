@@ -1,6 +1,5 @@
 """Reduce on plateau: hand-worked traces of observe(), torch's ReduceLROnPlateau as an oracle, warmup,
-pickling, and one copy per param group so that the trainer's observe-every-lambda counts each evaluation
-once."""
+pickling, and the Scheduler: each evaluation counted once for all param groups, state saved and restored."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import random
 import pytest
 import torch
 
-from schedules import Horizon, Plateau, build_scheduler, plateau
+from schedules import Horizon, Plateau, Scheduler, plateau
 
 H = Horizon(total_steps=100, steps_per_epoch=10)
 
@@ -109,18 +108,16 @@ def _opt() -> torch.optim.Optimizer:
 
 def _observe(sched, value: float) -> None:
     """What trainer/loop.py does after each evaluation."""
-    for fn in sched.lr_lambdas:
-        if hasattr(fn, "observe"):
-            fn.observe({"test_loss": value})
+    sched.observe({"test_loss": value})
 
 
 def test_each_group_counts_an_evaluation_once():
     opt = _opt()
-    sched = build_scheduler(plateau(H, patience=2, factor=0.5), opt)
+    sched = Scheduler(plateau(H, patience=2, factor=0.5), opt)
     for i in range(4):
         _observe(sched, 1.0)  # 1 improvement, then bad evaluations 1, 2, 3
         opt.step()
-        sched.step()
+        sched.step(i + 1)
         lrs = [g["lr"] for g in opt.param_groups]
         assert lrs == pytest.approx([0.1, 0.03] if i < 3 else [0.05, 0.015]), i
 
@@ -130,22 +127,22 @@ def _run(steps: range, sched, opt, metrics: list[float]) -> list[list[float]]:
     for s in steps:
         lrs.append([g["lr"] for g in opt.param_groups])
         opt.step()
-        sched.step()
+        sched.step(s + 1)
         if (s + 1) % 5 == 0:
             _observe(sched, metrics[s // 5])
     return lrs
 
 
-def test_resume_through_lambdalr_state_dict_equals_an_uninterrupted_run():
+def test_resume_through_the_scheduler_state_dict_equals_an_uninterrupted_run():
     # evaluations every 5 steps; the loss stalls at 2 (reductions before step 20) and at 1 (after it)
     metrics = [3.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0]
     make = lambda: plateau(H, patience=1, factor=0.5, warmup=3)  # noqa: E731
     opt = _opt()
-    sched = build_scheduler(make(), opt)
+    sched = Scheduler(make(), opt)
     full = _run(range(40), sched, opt, metrics)
 
     opt = _opt()
-    sched = build_scheduler(make(), opt)
+    sched = Scheduler(make(), opt)
     first = _run(range(20), sched, opt, metrics)
     buf = io.BytesIO()
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
@@ -153,20 +150,19 @@ def test_resume_through_lambdalr_state_dict_equals_an_uninterrupted_run():
     state = torch.load(buf, weights_only=True)  # plain data only
 
     opt2 = _opt()
-    sched2 = build_scheduler(make(), opt2)
+    sched2 = Scheduler(make(), opt2)
     opt2.load_state_dict(state["opt"])
     sched2.load_state_dict(state["sched"])
     rest = _run(range(20, 40), sched2, opt2, metrics)
     assert first + rest == full
     assert full[0] == pytest.approx([0.1 / 3, 0.01])  # warmup, ratio 0.3 kept
-    # the evaluation after update 19 reduces the LR; the loop steps the scheduler before it evaluates, so the
-    # new LR applies from update 21 on
-    assert full[20] == pytest.approx([0.1, 0.03]) and full[21] == pytest.approx([0.05, 0.015])
+    # the evaluation after update 19 reduces the LR: the new LR applies from the very next update, 20
+    assert full[19] == pytest.approx([0.1, 0.03]) and full[20] == pytest.approx([0.05, 0.015])
     assert full[39] == pytest.approx([0.025, 0.0075])
 
     # control: the same continuation without loading the schedule's state gives other LRs
     opt3 = _opt()
-    sched3 = build_scheduler(make(), opt3)
+    sched3 = Scheduler(make(), opt3)
     opt3.load_state_dict(state["opt"])
-    sched3.last_epoch = 20
+    sched3.step(20)
     assert _run(range(20, 40), sched3, opt3, metrics) != rest

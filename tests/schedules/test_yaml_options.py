@@ -1,5 +1,5 @@
 """Every conf/schedule/<name>.yaml, built as the trainer builds it (instantiate -> factory(horizon) ->
-build_scheduler): the issue's file names, the house properties, per-group LR ratios, and resume exactness."""
+Scheduler): the issue's file names, the house properties, per-group LR ratios, and resume exactness."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from schedules import Horizon, build_scheduler
+from schedules import Horizon, Scheduler
 from tests.conftest import ROOT, compose_cfg
 
 CONF = ROOT / "conf" / "schedule"
@@ -64,10 +64,10 @@ def _opt() -> torch.optim.Optimizer:
 
 def _run(opt, sched, steps: range) -> list[tuple[float, float]]:
     lrs = []
-    for _ in steps:
+    for t in steps:
         lrs.append(tuple(g["lr"] for g in opt.param_groups))
         opt.step()
-        sched.step()
+        sched.step(t + 1)
     return lrs
 
 
@@ -75,7 +75,7 @@ def _run(opt, sched, steps: range) -> list[tuple[float, float]]:
 def test_group_ratios_kept_and_lr_is_base_times_multiplier(name):
     f = make(name)
     opt = _opt()
-    lrs = _run(opt, build_scheduler(make(name), opt), range(T))
+    lrs = _run(opt, Scheduler(make(name), opt), range(T))
     for t, (a, b) in enumerate(lrs):
         assert a == pytest.approx(0.1 * f(t), rel=1e-12) and b == pytest.approx(0.025 * f(t), rel=1e-12), t
         assert b / a == pytest.approx(0.25, rel=1e-12)
@@ -85,10 +85,10 @@ def test_group_ratios_kept_and_lr_is_base_times_multiplier(name):
 @pytest.mark.parametrize("at", [7, 130])
 def test_resume_mid_schedule_equals_an_uninterrupted_run(name, at):
     opt = _opt()
-    full = _run(opt, build_scheduler(make(name), opt), range(T))
+    full = _run(opt, Scheduler(make(name), opt), range(T))
 
     opt = _opt()
-    sched = build_scheduler(make(name), opt)
+    sched = Scheduler(make(name), opt)
     first = _run(opt, sched, range(at))
     buf = io.BytesIO()
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
@@ -96,14 +96,14 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(name, at):
     state = torch.load(buf, weights_only=True)
 
     opt2 = _opt()
-    sched2 = build_scheduler(make(name), opt2)  # a new process builds a fresh schedule from the config
+    sched2 = Scheduler(make(name), opt2)  # a new process builds a fresh schedule from the config
     opt2.load_state_dict(state["opt"])
     sched2.load_state_dict(state["sched"])
     rest = _run(opt2, sched2, range(at, T))
     assert first + rest == full
     # control: a scheduler that restarts from step 0 would give other LRs, so the comparison above can fail
     opt3 = _opt()
-    assert _run(opt3, build_scheduler(make(name), opt3), range(T - at)) != rest
+    assert _run(opt3, Scheduler(make(name), opt3), range(T - at)) != rest
 
 
 def test_k_decay_reaches_the_yaml_options():

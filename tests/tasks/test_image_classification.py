@@ -18,7 +18,7 @@ from core.errors import ConfigError, DataError, DataNotFoundError, UserError
 from tests.conftest import ROOT, run_cli
 from tests.test_batches import digits_cfg
 from tests.test_loop import params
-from trainer.loop import build
+from trainer.build import build
 from trainer.run import run
 
 

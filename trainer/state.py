@@ -1,0 +1,239 @@
+"""The run's state: what a checkpoint holds, how a resume loads it, and what a resume may change.
+
+A resume compares the checkpoint's resolved config with the resuming one key by key. A change that breaks exactness
+(task, model, optimizer type, seed, precision, gradient transforms, strategy) is refused, every such key named,
+unless trainer.resume_allow_changes=true (a new optimizer type then starts from fresh state); another task is refused
+always; other data (Task.data_fingerprint) unless trainer.resume_allow_data_changes=true. Legitimate changes (run
+length, intervals, optimizer hyperparameters, the schedule, early stopping, the device) are applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from core.errors import ConfigError, UserError
+from core.log import print_warning
+from trainer.checkpoint import file_digest, load_checkpoint, resume_candidates
+from trainer.rng import rng_state, set_rng_state
+
+# Keys that may change on resume (fnmatch patterns on the dotted key), except BREAKING ones. RETARGETABLE: changes
+# that still apply to a target whose type changed. RUNNING_GROUP_KEYS: param-group entries an optimizer updates as it
+# runs (not hyperparameters), never overwritten on resume.
+LEGITIMATE = (
+    "trainer.max_steps", "trainer.max_epochs", "trainer.*_interval", "trainer.keep_checkpoints", "trainer.pictures",
+    "trainer.resume", "trainer.resume_allow_changes", "trainer.resume_allow_data_changes", "trainer.existing_run",
+    "trainer.threads", "trainer.progress", "trainer.dry_run", "trainer.nonfinite", "trainer.max_nonfinite",
+    "trainer.fp16_*", "trainer.device", "trainer.compile", "trainer.tf32", "trainer.deterministic",
+    "trainer.grad_accum", "data.*", "optimizer.*", "schedule.*", "early_stop.*", "regularize.weight_decay", "expect.*",
+    "monitor.*", "clip.*",
+)
+BREAKING = ("*._target_", "optimizer._target_", "optimizer.*._target_", "clip.*._target_")
+RETARGETABLE = ("schedule._target_", "early_stop._target_", "early_stop")
+RUNNING_GROUP_KEYS = {"initial_lr", "lookahead_step", "loss_ema"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} for every leaf; lists are leaves."""
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            return {prefix: {}}
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
+    """{key: (old, new)} for every leaf that differs (missing on one side: None)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def is_legitimate(key: str) -> bool:
+    if _matches(key, RETARGETABLE) or key.startswith("early_stop."):
+        return True
+    return _matches(key, LEGITIMATE) and not _matches(key, BREAKING)
+
+
+def _refused(source: str, why: str, diff: Mapping[str, tuple[Any, Any]], fix: str) -> ConfigError:
+    def fmt(v: Any) -> str:
+        return "(absent)" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+    lines = "\n".join(f"  {k}: {fmt(a)} -> {fmt(b)}" for k, (a, b) in diff.items())
+    return ConfigError(f"trainer.resume={source}: {why}:\n{lines}\n{fix}")
+
+
+def check_changes(old: Mapping, new: Mapping, source: str, allow: bool) -> dict[str, tuple[Any, Any]]:
+    """Every change between a checkpoint's config and the resuming one; raises for another task, and for changes that
+    break exactness unless `allow`."""
+    changes = config_changes(old, new)
+    old_task, new_task = flatten(old).get("task._target_"), flatten(new).get("task._target_")
+    if old_task != new_task:
+        raise UserError(f"trainer.resume={source}: that checkpoint belongs to another task ({old_task}); this run "
+                        f"is {new_task}. Resume a checkpoint of the same task, or start a fresh run without "
+                        "trainer.resume.")
+    breaking = {k: v for k, v in changes.items() if not is_legitimate(k)}
+    if breaking and not allow:
+        raise _refused(source, "the checkpoint was written with a different config, and these changes break an exact "
+                       "continuation (task, model, optimizer type, seed, data order)", breaking,
+                       "Resume with the checkpoint's values (its config.yaml), start a fresh run, or add "
+                       "trainer.resume_allow_changes=true to continue with the changes on purpose.")
+    return changes
+
+
+def check_data(old: Mapping | None, new: Mapping, source: str, allow: bool) -> dict[str, tuple[Any, Any]]:
+    """The checkpoint's data fingerprint against this run's, as {"data:<name>": (old, new)}; raises unless `allow`.
+    A checkpoint without one has nothing to compare."""
+    changed = {} if old is None else config_changes(old, new)
+    if changed and not allow:
+        raise _refused(source, "the checkpoint was written on other data than this run has, so the continuation would "
+                       "not be exact (another epoch length, sample order or validation split; one curve would mix two "
+                       "data sets)", changed, "Resume with the data the run started with, start a fresh run, or add "
+                       "trainer.resume_allow_data_changes=true to continue on these data on purpose.")
+    return {f"data:{k}": v for k, v in changed.items()}
+
+
+def optimizer_type_changed(changes: Mapping[str, tuple[Any, Any]]) -> bool:
+    return any(k == "optimizer._target_" or (k.startswith("optimizer.") and k.endswith("._target_")) for k in changes)
+
+
+def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The optimizer's param-group settings as the config built them (before any state is loaded)."""
+    return [{k: v for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor)}
+            for g in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, fresh: list[dict[str, Any]]) -> None:
+    """After load_state_dict (which restores the old groups' lr, betas, weight decay...), the new config's settings;
+    entries the optimizer keeps as running state are left alone."""
+    for group, want in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in want.items() if k not in RUNNING_GROUP_KEYS})
+
+
+class Clock:
+    """Seconds of training and of the whole run: earlier sessions' (from the checkpoint) plus this session's, with
+    the time spent `paused()` (evaluation, checkpoints, pictures, histograms) left out of training time."""
+
+    def __init__(self) -> None:
+        self.train_before = self.wall_before = self.excluded = 0.0
+        self.started: float | None = None
+        self.pausing = False
+
+    def start(self) -> None:
+        self.started, self.excluded = time.perf_counter(), 0.0
+
+    def session(self) -> float:
+        return 0.0 if self.started is None else time.perf_counter() - self.started
+
+    def wall(self) -> float:
+        return self.wall_before + self.session()
+
+    def train(self) -> float:
+        return self.train_before + self.session() - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self.pausing:  # inside another pause: that one counts the time
+            yield
+            return
+        start, self.pausing = time.perf_counter(), True
+        try:
+            yield
+        finally:
+            self.pausing = False
+            self.excluded += time.perf_counter() - start
+
+
+def state_dict(tr: Any) -> dict[str, Any]:
+    """Everything a resume needs (of Trainer `tr`). Collective under DDP: every rank contributes its RNG state."""
+    p, rng = tr.p, rng_state()
+    return {
+        "step": tr.step, "run_id": tr.run_id,
+        "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+        "scaler": p.scaler.state_dict() if p.scaler else None, "transforms": p.transforms.state_dict(),
+        "early_stop": p.early_stop.state_dict() if p.early_stop else None,
+        "rng": rng, "rng_ranks": p.dist.all_gather(rng),
+        "loop": {"loss_sum": tr.loss_sum, "loss_count": tr.loss_count, "last_eval_step": tr.last_eval_step,
+                 "last_metrics": dict(tr.last_metrics), "stop_reason": tr.stop_reason,
+                 "train_time": tr.clock.train(), "wall_time": tr.clock.wall(), "skipped": dict(tr.guard.skipped)},
+        "config": OmegaConf.to_container(p.cfg, resolve=True),
+        "data": tr.data,
+    }
+
+
+def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | None = None) -> None:
+    """Restore a checkpoint into Trainer `tr`. `changes` (config key -> (old, new)) are the resume's accepted config
+    changes: hyperparameters and the schedule follow the new config; a new optimizer type starts from fresh state."""
+    p, changes = tr.p, changes or {}
+    fresh, fresh_base_lrs = group_hyperparameters(p.optimizer), list(p.scheduler.base_lrs)
+    p.model.load_state_dict(state["model"])
+    if optimizer_type_changed(changes):
+        if p.dist.is_main:
+            print_warning("the optimizer's type changed on resume: it starts from fresh optimizer state "
+                          "(the model weights, the step and the schedule continue).")
+    else:
+        p.optimizer.load_state_dict(state["optimizer"])
+    p.scheduler.load_state_dict(state["scheduler"])
+    if changes:  # the new config's lr, betas, weight decay..., base LRs and horizon from here on
+        reapply_hyperparameters(p.optimizer, fresh)
+        p.scheduler.rebase(fresh_base_lrs)
+    if p.scaler and state["scaler"]:
+        p.scaler.load_state_dict(state["scaler"])
+    p.transforms.load_state_dict(state["transforms"])
+    if p.early_stop and state["early_stop"]:
+        p.early_stop.load_state_dict(state["early_stop"])
+    ranks = state["rng_ranks"]
+    if len(ranks) == p.dist.world:
+        set_rng_state(ranks[p.dist.rank])  # every rank continues its own dropout / augmentation stream
+    else:
+        set_rng_state(state["rng"])
+        if p.dist.enabled:
+            torch.manual_seed(p.cfg.trainer.seed * 1_000_003 + state["step"] * 1_009 + p.dist.rank)
+    tr.step = state["step"]
+    loop = state["loop"]
+    tr.loss_sum = loop["loss_sum"].to(p.device)
+    tr.loss_count, tr.last_eval_step, tr.last_metrics = loop["loss_count"], loop["last_eval_step"], loop["last_metrics"]
+    tr.clock.train_before, tr.clock.wall_before = loop["train_time"], loop["wall_time"]
+    tr.guard.skipped.update(loop["skipped"])
+    tr.guard.params_checked_at = tr.step
+    if loop["stop_reason"] and p.early_stop and not any(k.split(".")[0] == "early_stop" for k in changes):
+        tr.stop_reason = loop["stop_reason"]  # an early-stopped run stays stopped
+
+
+def resume(tr: Any, path: str | Path) -> dict[str, Any]:
+    """Load the newest readable checkpoint at `path` (a file, a run directory or its checkpoints folder) into Trainer
+    `tr`, after checking its config against this run's. Returns checkpoint, sha256, step, run_id and changes."""
+    p, unreadable = tr.p, []
+    for ckpt in resume_candidates(path):
+        try:
+            state = load_checkpoint(ckpt, map_location=p.device, advice=False)
+        except UserError as e:  # truncated or corrupt: fall back to the one before
+            unreadable.append(str(e))
+            continue
+        if unreadable and p.dist.is_main:  # recovered: the run goes on from an older step
+            print_warning(f"{' '.join(unreadable)} Resuming from the previous one, {ckpt.name} (step "
+                          f"{state['step']}): the steps after it are trained again.")
+        if "optimizer" not in state:
+            raise UserError(f"trainer.resume={path}: {ckpt} holds only model weights (best.pt keeps the best "
+                            "evaluation's weights), not a training state. Resume from a step-*.pt checkpoint "
+                            "or a run directory.")
+        t, new = p.cfg.trainer, OmegaConf.to_container(p.cfg, resolve=True)
+        changes = check_changes(state.get("config", {}), new, str(path), allow=t.resume_allow_changes)
+        changes.update(check_data(state.get("data"), tr.data, str(path), allow=t.resume_allow_data_changes))
+        tr.load_state_dict(state, changes)
+        return {"checkpoint": ckpt, "sha256": file_digest(ckpt), "step": tr.step, "run_id": state.get("run_id"),
+                "changes": {k: list(v) for k, v in changes.items() if not k.startswith("trainer.resume")}}
+    raise UserError(f"trainer.resume={path}: no readable checkpoint there. " + " ".join(unreadable))
