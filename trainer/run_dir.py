@@ -26,7 +26,7 @@ from trainer.provenance import config_sources
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "tensorboard", "rich", "numpy")
 
 
-def _git_state(repo: Path) -> dict[str, Any]:
+def git_state(repo: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
@@ -84,7 +84,7 @@ def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "python": platform.python_version(),
         "packages": versions,
-        "git": _git_state(Path(__file__).resolve().parent.parent),
+        "git": git_state(Path(__file__).resolve().parent.parent),
         "start": start,
         "resumes": resumes,
     }
