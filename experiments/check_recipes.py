@@ -119,7 +119,7 @@ def declared(name: str, overrides: list[str]) -> tuple[dict[str, Any] | None, li
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from trainer.validate import problems
+    from config import problems
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"recipe={name}", *overrides])
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").is_file()]
     if unknown:
         from core.log import print_error
-        from trainer.validate import did_you_mean
+        from config import did_you_mean
 
         print_error("; ".join(f"unknown recipe {n!r}: {did_you_mean(n, recipe_names())}" for n in unknown))
         return 2

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.errors import UserError
     from core.log import print_error
     from trainer.run import run
-    from trainer.validate import validate
+    from config import validate
 
     run_dir: Path = args.run_dir
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "final_metrics.json").is_file():

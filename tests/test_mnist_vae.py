@@ -161,7 +161,7 @@ def test_every_task_monitors_a_validation_metric():
 def test_no_validation_split_with_a_validation_monitor_is_a_config_error(overrides, message):
     from core.errors import ConfigError
     from tests.conftest import compose_cfg
-    from trainer.validate import validate
+    from config import validate
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(compose_cfg(*overrides))

@@ -1,4 +1,4 @@
-"""Config validation (trainer/validate.py): bad command lines get one clear line each, all at once, exit code 2.
+"""Config validation (config/): bad command lines get one clear line each, all at once, exit code 2.
 
 The table runs in-process (compose + validate); a few cases run the real CLI to prove exit code, stderr and the
 absence of a traceback. Hydra itself rejects some command lines before our validator sees them (a key that is
@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
 from tests.conftest import ROOT, run_cli
-from trainer.validate import problems, validate
+from config import problems, validate
 
 GROUPS = ["task", "optimizer", "schedule", "norm", "regularize", "clip", "amp", "early_stop", "trainer"]
 
@@ -291,7 +291,7 @@ def test_cli_shows_the_traceback_only_when_asked(tmp_path: Path):
 
 
 def test_cli_unknown_key_is_ours_not_hydras(tmp_path: Path):
-    """trainer/cli_check.py reports keys missing from the config before Hydra's struct error (exit 2, not 1)."""
+    """config/cli.py reports keys missing from the config before Hydra's struct error (exit 2, not 1)."""
     out = run_cli("trainer.devise=cpu", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2 and "did you mean 'trainer.device'?" in out.stderr
     assert "+trainer.devise=" in out.stderr and "Traceback" not in out.stderr
@@ -392,10 +392,10 @@ ODD = [
 
 @pytest.mark.parametrize(("line", "expected"), ODD, ids=[line for line, _ in ODD])
 def test_silent_oddity_is_a_warning(make, line, expected, capsys, monkeypatch):
-    import trainer.validate
-    from trainer.validate import oddities
+    import config
+    from config import oddities
 
-    monkeypatch.setattr(trainer.validate, "_WARNED", set())  # what earlier tests printed does not count
+    monkeypatch.setattr(config, "_WARNED", set())  # what earlier tests printed does not count
     cfg = make(*line.split())
     assert problems(cfg) == []
     lines = oddities(cfg)
@@ -409,7 +409,7 @@ def test_silent_oddity_is_a_warning(make, line, expected, capsys, monkeypatch):
 @pytest.mark.parametrize("line", ["", "task=mnist_cnn early_stop=on", "task=char_transformer schedule=plateau",
                                   "recipe=mnist_cnn", "recipe=char_transformer_cpu", "trainer.eval_interval=0"])
 def test_ordinary_configs_have_no_oddities(make, line):
-    from trainer.validate import oddities
+    from config import oddities
 
     assert oddities(make(*line.split())) == []
 
@@ -421,10 +421,15 @@ def test_the_seed_limit_is_what_every_generator_accepts():
 
     from core.sampler import EpochSampler, RandomSampler
     from trainer.rng import seed_everything
-    from trainer.schema import SEED_MAX, matching_rule
+    from pydantic import ValidationError
 
-    spec = matching_rule("trainer.seed")
-    assert spec(SEED_MAX) and not spec(SEED_MAX + 1) and spec(0) and not spec(-1)
+    from core.config import SEED_MAX, TrainerConfig
+
+    for seed in (0, SEED_MAX):
+        TrainerConfig(seed=seed)
+    for seed in (-1, SEED_MAX + 1):
+        with pytest.raises(ValidationError):
+            TrainerConfig(seed=seed)
     for seed in (SEED_MAX, SEED_MAX + 1):  # + 1: the eval stream's seed (and DDP's seed + rank)
         seed_everything(seed)
     for sampler in (EpochSampler(100, 10, SEED_MAX, torch.device("cpu")),
@@ -595,7 +600,7 @@ CLI_BAD = [  # (arguments, fragments of the error); exit code 2
 
 @pytest.mark.parametrize(("line", "expected"), CLI_BAD, ids=[line for line, _ in CLI_BAD])
 def test_bad_command_line_is_stopped_before_hydra(before_hydra, paths, line, expected, capsys):
-    from trainer.cli_check import check_command_line
+    from config.cli import check_command_line
 
     if "/proc/" in line and not Path("/proc/self").is_dir():
         pytest.skip("needs a read-only /proc (Linux)")
@@ -616,7 +621,7 @@ CLI_ODD = [  # (arguments, the warning); the run goes on
 
 @pytest.mark.parametrize(("line", "expected"), CLI_ODD, ids=[line for line, _ in CLI_ODD])
 def test_repeated_key_on_the_command_line_is_a_warning(before_hydra, line, expected, capsys):
-    from trainer.cli_check import check_command_line
+    from config.cli import check_command_line
 
     check_command_line(line.split())  # no SystemExit
     err = " ".join(capsys.readouterr().err.split())

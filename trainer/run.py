@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +22,6 @@ from trainer.checkpoint import CheckpointDir
 from trainer.dry_run import dry_run
 from trainer.loop import Interrupted, Trainer, build
 from trainer.run_dir import write_run_files
-from trainer.validate import validate
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -44,7 +43,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, stop: Simp
     try:
         continuing = resume is not None and _within(Path(resume), run_dir)
         if parts.dist.agree(parts.dist.is_main and not continuing and holds_run(run_dir)):
-            if cfg.trainer.get("existing_run", "refuse") != "move_aside":
+            if cfg.trainer.existing_run != "move_aside":
                 raise ConfigError(
                     f"hydra.run.dir={run_dir} already holds a run ({_describe(run_dir)}); a fresh run there would mix "
                     f"with it. Continue it with trainer.resume={run_dir} (or trainer.resume=auto), pick another "
@@ -187,12 +186,14 @@ def find_run_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def main(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+def main(cfg: DictConfig, run_dir: Path, overrides: list[str],
+         check: Callable[[DictConfig], None] | None = None) -> dict[str, Any]:
     """run() for the command line: a UserError prints one paragraph and exits, no traceback
     (HYDRA_FULL_ERROR=1 shows it anyway)."""
     try:
         try:
-            validate(cfg)  # every config error at once, before data or device are touched
+            if check is not None:
+                check(cfg)  # every config error at once, before data or device are touched (config.check)
             if cfg.trainer.dry_run:
                 return dry_run(cfg)
             return run(cfg, run_dir, overrides)

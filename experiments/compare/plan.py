@@ -6,7 +6,7 @@ The command line is train.py's plus flags. Exactly one argument lists several va
 Every other argument is an ordinary override applied to every run. Each option is composed exactly as
 `python train.py <overrides>` composes it (Hydra's compose API, the axis replaced by the option in place), so a
 recipe's values apply to each option as they would in a plain run, and every option is checked by the config
-validator (trainer/validate.py) before anything runs: all problems of all options are reported at once.
+validator (config/) before anything runs: all problems of all options are reported at once.
 
 A trial's command line is the user's overrides with the option, then the protocol's keys: `trainer.max_steps`
 (its rung's length), `trainer.seed`, the tuned `optimizer.lr` and `--tune` keys, and (unless the user set them)
@@ -221,8 +221,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
     """Parse, compose and validate everything; raise ConfigError listing every problem at once."""
     from hydra.errors import HydraException
 
-    from trainer.cli_check import unknown_keys
-    from trainer.validate import did_you_mean, problems, unresolvable
+    from config.cli import unknown_keys
+    from config import did_you_mean, problems, unresolvable
 
     axis, values, shared, bad = split_axis(args)
     if bad:

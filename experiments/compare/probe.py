@@ -37,7 +37,7 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
     from trainer.device import threads as thread_count
     from trainer.loop import build
     from trainer.run import run
-    from trainer.validate import validate
+    from config import validate
 
     def config(steps: int):
         cfg = plan.config(option, plan.overrides(option, steps, plan.tuning_seed, None if plan.screen else 0.0))
@@ -66,7 +66,7 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
 def worker_start_s() -> float:
     """Seconds a fresh worker process takes to import what a trial needs."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import experiments.sweep, trainer.run, trainer.validate"], cwd=ROOT,
+    subprocess.run([sys.executable, "-c", "import experiments.sweep, trainer.run, config"], cwd=ROOT,
                    capture_output=True, check=False)
     return time.perf_counter() - start
 

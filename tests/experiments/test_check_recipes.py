@@ -16,7 +16,7 @@ import pytest
 
 from experiments.check_recipes import Expectation, Result, expectation, judge_time, recipe_names, this_machine
 from tests.conftest import ROOT, compose_cfg
-from trainer.validate import validate
+from config import validate
 
 RECIPES = recipe_names()
 
@@ -94,7 +94,7 @@ def test_every_recipe_declares_a_valid_result(name):
 
 def test_invalid_expect_block_is_a_config_error():
     cfg = compose_cfg("recipe=mnist_vae", "expect.mode=lowest", "expect.short.overrides=3")
-    from trainer.validate import problems
+    from config import problems
 
     lines = problems(cfg)
     assert any(line.startswith("expect.mode='lowest': must be one of min, max") for line in lines), lines

@@ -1,0 +1,52 @@
+"""Config checking, above the trainer: `check(cfg)` raises ConfigError listing every problem at once (exit code
+2) before data or device are touched; the command line is checked before Hydra starts (config/cli.py)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from config.check import check_groups, did_you_mean, fmt, targets
+from config.check import bind as _bind
+from config.resolve import unresolvable
+from config.rules import check_construction, check_rules, horizon_numbers, oddities
+from core.errors import ConfigError
+
+_WARNED: set[str] = set()  # oddities already printed by this process (a sweep checks every job)
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """Every problem in `cfg`, one line each ('full.key=value: what is allowed'); empty when valid."""
+    from config.cli import required_groups
+
+    p = dict(unresolvable(cfg))
+    try:
+        check_groups(cfg, p, [g for g in required_groups() if g != "recipe"])
+        for group in ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "regularize"):
+            for key, node in targets(cfg.get(group), group) if group in cfg and group not in p else []:
+                _bind(node, key, p)
+        check_rules(cfg, p)
+        check_construction(cfg, p)
+    except Exception as e:  # a bug in a check must still end as a clear message, never a traceback
+        p.setdefault("<checker>", f"the config could not be checked completely ({type(e).__name__}: {e}); "
+                                  "please report this")
+    return list(p.values())
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem in `cfg`; when it is valid, print its oddities (once each)."""
+    from core.log import print_warning
+
+    lines = problems(cfg)
+    if lines:
+        n = len(lines)
+        raise ConfigError(f"the config has {n} problem{'s' * (n > 1)}:\n" + "\n".join(f"  {x}" for x in lines)
+                          + "\nFix them on the command line (key=value) or in the YAML; "
+                          "HYDRA_FULL_ERROR=1 shows a traceback.")
+    for line in oddities(cfg):
+        if line not in _WARNED:
+            _WARNED.add(line)
+            print_warning(line)
+
+
+validate = check
+__all__ = ["check", "did_you_mean", "fmt", "horizon_numbers", "oddities", "problems", "unresolvable", "validate"]
