@@ -74,10 +74,10 @@ def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
         low = lo and (lo.ge if isinstance(lo, Ge) else lo.gt)
         high = hi and (hi.le if isinstance(hi, Le) else hi.lt)
         if lo and hi:
-            interval = f" in {'[' if isinstance(lo, Ge) else '('}{low:g}, {high:g}{']' if isinstance(hi, Le) else ')'}"
+            interval = f" in {'[' if isinstance(lo, Ge) else '('}{low}, {high}{']' if isinstance(hi, Le) else ')'}"
         elif lo or hi:
             interval = f" {'>=' if isinstance(lo, Ge) else '>' if lo else '<=' if isinstance(hi, Le) else '<'} " \
-                       f"{low if lo else high:g}"
+                       f"{low if lo else high}"
         else:
             interval = ""
         return ("an int" if hint is int else "a number") + interval

@@ -94,9 +94,6 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
     if needs and evals is not None and parse_duration(evals)[0] == 0:
         add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations during the "
                                      f"run (a non-zero interval){needs[1]}")
-    if get(cfg, "regularize.augment", p) is not None and "augment" not in task:
-        add("regularize.augment", f"regularize.augment: the task {task.get('_target_')} takes no augmentation; "
-                                  "use regularize=default")
     if cls is not None:
         check_task_fit(cfg, p, cls, task)
     for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
@@ -195,9 +192,9 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
     except Exception:
         pass  # the device is reported by check_machine
     construct(cfg, "norm", lambda made: made(4), p)
-    if not under(p, "regularize"):
-        construct(cfg, "optimizer", lambda made: coupled(made(toy_groups(cfg)), cfg), p)
-        construct(cfg, "regularize.augment", augment, p)
+    if not under(p, "regularize.decay_bias_and_norm", "regularize.decay_embeddings"):
+        construct(cfg, "optimizer", lambda made: coupled(made(toy_groups(cfg)), cfg, p), p)
+    construct(cfg, "regularize.augment", augment, p)
 
 
 def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -206,9 +203,10 @@ def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
     return config_param_groups(model, cfg.regularize)
 
 
-def coupled(optimizer: Any, cfg: DictConfig) -> None:
+def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
     """regularize.weight_decay_mode=coupled needs an optimizer with weight decay (regularize/weight_decay.py)."""
-    coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
+    if not under(p, "regularize.weight_decay_mode", "regularize.weight_decay"):
+        coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
 
 
 def augment(factory: Any) -> Any:

@@ -41,15 +41,15 @@ def parse_duration(value: Any) -> tuple[float, str]:
             else:
                 return parse_duration(float(text) if "." in text else int(text))
         except ValueError:
-            raise ValueError(f"duration {value!r}: use {DURATION_WORDS}") from None
+            raise ValueError(f"must be a duration: {DURATION_WORDS}") from None
     elif isinstance(value, int) and not isinstance(value, bool):
         amount, unit = value, "steps"
     elif isinstance(value, float):
         amount, unit = value, "fraction"
     else:
-        raise ValueError(f"duration {value!r}: use {DURATION_WORDS}")
+        raise ValueError(f"must be a duration: {DURATION_WORDS}")
     if not (math.isfinite(amount) and amount >= 0 and (unit != "fraction" or amount <= 1)):
-        raise ValueError(f"duration {value!r}: use {DURATION_WORDS} (a float is a fraction of the run, at most 1)")
+        raise ValueError(f"must be a duration: {DURATION_WORDS}")
     return amount, unit
 
 

@@ -10,6 +10,8 @@ from core.config import parse_duration
 
 def total_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int | None) -> int | None:
     """The run's length: max_steps, else max_epochs x steps per epoch (None when that is not known)."""
+    if max_steps is None and max_epochs is None:
+        raise ValueError("trainer.max_steps=null, trainer.max_epochs=null: set one of them (an int >= 1)")
     if max_steps is not None:
         return max_steps
     return max_epochs * steps_per_epoch if max_epochs is not None and steps_per_epoch is not None else None

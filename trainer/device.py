@@ -20,12 +20,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"trainer.device={name!r} is not a device ({e}). "
-                          "Use auto, cpu, cuda, cuda:N or mps.") from None
+        raise ConfigError(f"trainer.device={name!r}: not a device ({e}); use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available here. Use trainer.device=auto or cpu.")
+        raise ConfigError(f"trainer.device={name!r}: CUDA is not available here; use trainer.device=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"trainer.device={name!r}: this machine has {n} CUDA device(s); use cuda:0..cuda:{n - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"trainer.device={name!r} but MPS is not available here. Use trainer.device=auto or cpu.")
+        raise ConfigError(f"trainer.device={name!r}: MPS is not available here; use trainer.device=auto or cpu")
     return device
 
 
