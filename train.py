@@ -26,10 +26,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import trainer.run
 from config import check
 from config.cli import check_command_line
 from experiments.sweep import run_job  # also registers the ${kiln.direction:...} resolver the Optuna preset uses
-import trainer.run
 
 run_main = partial(trainer.run.main, check=check)  # compose (Hydra) -> check -> dry run | run
 

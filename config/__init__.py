@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from config.check import check_groups, did_you_mean, fmt, targets
 from config.check import bind as _bind
+from config.check import check_groups, did_you_mean, fmt, targets
 from config.resolve import unresolvable
 from config.rules import check_construction, check_rules, horizon_numbers, oddities
 from core.errors import ConfigError
@@ -20,7 +20,7 @@ def problems(cfg: DictConfig) -> list[str]:
 
     p = dict(unresolvable(cfg))
     try:
-        check_groups(cfg, p, [g for g in required_groups() if g != "recipe"])
+        check_groups(cfg, p, {g: o for g, o in required_groups().items() if g != "recipe"})
         for group in ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "regularize"):
             for key, node in targets(cfg.get(group), group) if group in cfg and group not in p else []:
                 _bind(node, key, p)

@@ -20,7 +20,7 @@ from typing import Any
 from annotated_types import Ge, Gt, Le, Lt
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from core.config import GROUPS, Allowed
 from core.protocol import interpolated_from
@@ -54,33 +54,23 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
     """What a type annotation (with pydantic/annotated_types metadata) allows, in words."""
-    meta = list(meta)
-    words = next((m for m in meta if isinstance(m, Allowed)), None)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if words is not None:
-        return str(words)
+    meta, origin, args = list(meta), typing.get_origin(hint), typing.get_args(hint)
+    if any(isinstance(m, Allowed) for m in meta):
+        return next(str(m) for m in meta if isinstance(m, Allowed))
     if origin is typing.Annotated:
         return describe(args[0], [*meta, *args[1:]])
     if origin in (typing.Union, types.UnionType):
         arms = [describe(a, meta) for a in args if a is not type(None)]
         return ("null or " if type(None) in args else "") + " or ".join(dict.fromkeys(arms))
     if origin is typing.Literal:
-        return ", ".join(str(a) for a in args) if len(args) == 1 else "one of " + ", ".join(str(a) for a in args)
+        return "one of " * (len(args) > 1) + ", ".join(map(str, args))
     if hint in (bool, str, type(None)):
         return {bool: "true or false", str: "a string", type(None): "null"}[hint]
     if hint in (int, float):
-        bounds = {type(m): m for m in meta if isinstance(m, Ge | Gt | Le | Lt)}
-        lo, hi = bounds.get(Ge) or bounds.get(Gt), bounds.get(Le) or bounds.get(Lt)
-        low = lo and (lo.ge if isinstance(lo, Ge) else lo.gt)
-        high = hi and (hi.le if isinstance(hi, Le) else hi.lt)
-        if lo and hi:
-            interval = f" in {'[' if isinstance(lo, Ge) else '('}{low}, {high}{']' if isinstance(hi, Le) else ')'}"
-        elif lo or hi:
-            interval = f" {'>=' if isinstance(lo, Ge) else '>' if lo else '<=' if isinstance(hi, Le) else '<'} " \
-                       f"{low if lo else high}"
-        else:
-            interval = ""
-        return ("an int" if hint is int else "a number") + interval
+        kind, b = "an int" if hint is int else "a number", {type(m): m for m in meta if isinstance(m, Ge | Gt | Le | Lt)}
+        lo = ("[", ">=", b[Ge].ge) if Ge in b else ("(", ">", b[Gt].gt) if Gt in b else None
+        hi = ("]", b[Le].le) if Le in b else (")", b[Lt].lt) if Lt in b else None
+        return f"{kind} in {lo[0]}{lo[2]}, {hi[1]}{hi[0]}" if lo and hi else f"{kind} {lo[1]} {lo[2]}" if lo else kind
     if origin in (list, tuple) or hint in (list, tuple):
         return "a list" + (f" of {len(args)} values, each {describe(args[0])}" if origin is tuple and args
                            and args[-1] is not Ellipsis else "")
@@ -90,43 +80,40 @@ def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
 # --- closed groups ---------------------------------------------------------------------------------------------
 
 
-def check_groups(cfg: DictConfig, p: Problems, required: Iterable[str]) -> None:
+def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]) -> None:
     """Top-level keys, required groups and the closed groups' values (their pydantic models)."""
     for key in map(str, cfg):
         if key != "hydra" and key not in TOP_LEVEL:
             p.setdefault(key, f"{key}={fmt(raw(cfg, key))}: unknown top-level key; {did_you_mean(key, TOP_LEVEL)}")
-    for group in required:
+    for group, options in required.items():
         if group not in cfg:  # ~group: the trainer reads every one of them
             p.setdefault(group, f"{group}: missing (~{group}?); a run needs one option of the group {group}; pick "
-                                f"an option: {group}=<name> (conf/{group}/)")
+                                f"an option: {group}=<name> ({', '.join(options)}; conf/{group}/)")
     for name, model in GROUPS.items():
-        if name not in cfg or under(p, name):
-            continue
-        data = OmegaConf.to_container(cfg[name], resolve=True)
         try:
-            model.model_validate(data)
+            if name in cfg and not under(p, name):
+                model.model_validate(OmegaConf.to_container(cfg[name], resolve=True))
         except ValidationError as e:
-            for err in e.errors():
+            for err in e.errors():  # loc: the field path, then (in a union) the arm's type
                 key, info, m = name, None, model
                 for part in err["loc"]:
-                    if not (isinstance(m, type) and isinstance(part, str) and part in m.model_fields):
+                    if part not in getattr(m, "model_fields", {}):
                         break
                     key, info = f"{key}.{part}", m.model_fields[part]
-                    m = next((a for a in [info.annotation, *typing.get_args(info.annotation)]
-                              if inspect.isclass(a) and a in GROUPS.values() or getattr(a, "__name__", "") == "Short"),
-                             None)
-                value = OmegaConf.select(cfg, key, default=None)
-                value = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+                    m = next((a for a in (info.annotation, *typing.get_args(info.annotation))
+                              if inspect.isclass(a) and issubclass(a, BaseModel)), None)
+                leaf, value = str(err["loc"][-1]), raw_at(cfg, key)
                 if err["type"] == "extra_forbidden":
-                    leaf = str(err["loc"][-1])
                     p.setdefault(f"{key}.{leaf}", f"{key}.{leaf}={fmt(err['input'])}: unknown key in {key}; "
                                                   f"{did_you_mean(leaf, m.model_fields if m else [])}")
-                elif err["type"] == "missing":
-                    p.setdefault(key, f"{key}: missing; it must be {describe(info.annotation, info.metadata)}")
                 elif info is not None:
-                    p.setdefault(key, f"{key}={fmt(value)}: must be {describe(info.annotation, info.metadata)}")
-                else:
-                    p.setdefault(key, f"{key}={fmt(value)}: {err['msg']}")
+                    p.setdefault(key, f"{key}={fmt(value) if err['type'] != 'missing' else '???'}: must be "
+                                      f"{describe(info.annotation, info.metadata)}")
+
+
+def raw_at(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def raw(node: DictConfig, key: Any) -> Any:
@@ -231,7 +218,10 @@ def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problem
     if not isinstance(node, DictConfig) or "_target_" not in node or any(
             k.startswith(key + ".") and k.endswith("._target_") for k in p):
         return
-    tree = OmegaConf.to_container(node, resolve=True)
+    try:
+        tree = OmegaConf.to_container(node, resolve=True)
+    except Exception:
+        return  # a value that does not resolve: reported already
     spare: dict[str, tuple[Any, Any, str]] = {}  # path -> (value, the default, target)
 
     def walk(d: dict, path: str) -> None:

@@ -1,14 +1,9 @@
-"""Rules across groups that no single component can check (each stated once, here or in the module that owns
-it), the cheap construction of the parts that hold no data, and the oddities: settings that run but probably
-do not do what was meant (warnings)."""
+"""Rules across groups that no single component can check (each stated once: here, or in the module that owns
+it), the cheap construction of the parts that hold no data, and the oddities (valid, probably not meant)."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
-import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +19,31 @@ from optim.param_groups import config_param_groups
 from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import coupled_weight_decay
 from schedules.horizon import Horizon, total_steps
-from trainer.device import resolve_device
+from trainer.device import machine_problems, resolve_device
 
 
 def get(cfg: DictConfig, key: str, p: Problems) -> Any:
     """The resolved value at `key` when it exists and has no problem; else None."""
-    if under(p, key):
-        return None
     try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        value = None if under(p, key) else OmegaConf.select(cfg, key, throw_on_missing=False)
         return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
     except Exception:
         return None  # does not resolve: reported already
 
 
-def task_class(cfg: DictConfig, p: Problems) -> Any:
-    target = get(cfg, "task._target_", p)
+def target(cfg: DictConfig, key: str, p: Problems) -> Any:
+    name = get(cfg, f"{key}._target_", p)
     try:
-        cls = get_object(target) if isinstance(target, str) else None
+        return get_object(name) if isinstance(name, str) else None
     except Exception:
         return None
-    return cls if inspect.isclass(cls) else None
 
 
 def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | None, int | None]:
     """(total steps, steps per epoch) as far as they are known without data (None where not)."""
     p = {} if p is None else p
-    cls, task, batch = task_class(cfg, p), get(cfg, "task", p) or {}, get(cfg, "task.batch_size", p)
-    n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
+    cls, batch = target(cfg, "task", p), get(cfg, "task.batch_size", p)
+    n = cls.train_size_of(get(cfg, "task", p) or {}) if hasattr(cls, "train_size_of") else None
     spe = n // batch if n is not None and isinstance(batch, int) and 0 < batch <= n else None  # drop_last
     try:
         return total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), spe), spe
@@ -60,27 +52,23 @@ def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | N
 
 
 def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
-    """(what, the alternative) for the part of the run that acts on evaluations (declared `metric_driven`)."""
-    for key, what, other in (("early_stop", "early stopping", " or early_stop=off"), ("schedule", "schedule", "")):
-        target = get(cfg, f"{key}._target_", p)
-        try:
-            if isinstance(target, str) and getattr(get_object(target), "metric_driven", False):
-                return (what if key == "early_stop" else f"schedule={cfg.schedule._target_.rpartition('.')[2]}"), other
-        except Exception:
-            pass
+    """(what, the alternative) for the part of the run that acts on evaluations (it declares `metric_driven`)."""
+    if getattr(target(cfg, "early_stop", p), "metric_driven", False):
+        return "early stopping", " or early_stop=off"
+    if getattr(target(cfg, "schedule", p), "metric_driven", False):
+        return f"schedule={cfg.schedule._target_.rpartition('.')[2]}", ""
     return None
 
 
 def check_rules(cfg: DictConfig, p: Problems) -> None:
-    add = p.setdefault
+    add, cls, task = p.setdefault, target(cfg, "task", p), get(cfg, "task", p) or {}
     try:
         total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), None)
     except ValueError as e:
         add("trainer.max_steps", str(e))
-    batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
-    cls, task = task_class(cfg, p), get(cfg, "task", p) or {}
     for line in cls.check(task) if hasattr(cls, "check") and not under(p, "task") else []:
         add(line.split("=")[0].split(":")[0], line)
+    batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
     if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and split_problem(batch, accum):
         add("trainer.grad_accum", split_problem(batch, accum))
     n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
@@ -94,44 +82,47 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
     if needs and evals is not None and parse_duration(evals)[0] == 0:
         add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations during the "
                                      f"run (a non-zero interval){needs[1]}")
-    if cls is not None:
+    if inspect.isclass(cls):
         check_task_fit(cfg, p, cls, task)
     for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
         path = get(cfg, key, p)
-        if isinstance(path, str) and path and not under(p, *interpolated_from(cfg, key)):
-            path, shown = Path(path).expanduser(), f"{key}={fmt(path, 1000)}"
-            if want == "folder" and path.exists() and not path.is_dir():
-                add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
-                         "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
-            elif want == "file" and path.is_dir():
-                add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
+        if not isinstance(path, str) or not path or under(p, *interpolated_from(cfg, key)):
+            continue
+        shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
+        if want == "folder" and path.exists() and not path.is_dir():
+            add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
+                     "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
+        elif want == "file" and path.is_dir():
+            add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
     resume = get(cfg, "trainer.resume", p)
     if isinstance(resume, str) and resume != "auto" and not (resume.strip() and Path(resume).expanduser().exists()):
-        add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: {'no such file or folder' if resume.strip() else 'names no checkpoint'}; "
-                              "pass a run folder that has checkpoints, a checkpoint file, trainer.resume=auto (the "
-                              "newest run with the same config) or trainer.resume=null (a fresh run)")
-    check_machine(cfg, p)
+        add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: "
+                              f"{'no such file or folder' if resume.strip() else 'names no checkpoint'}; pass a run "
+                              "folder that has checkpoints, a checkpoint file, trainer.resume=auto (the newest run "
+                              "with the same config) or trainer.resume=null (a fresh run)")
+    name = get(cfg, "trainer.device", p)
+    for key, line in machine_problems(name, get(cfg, "trainer.compile", p) is True,
+                                      get(cfg, "trainer.strategy", p)).items() if isinstance(name, str) else ():
+        add(key, line)
 
 
-def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: Mapping[str, Any]) -> None:
+def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
     """The norm and the metrics the config names, against what the task class declares (no data loaded)."""
-    name, kind = f"{cls.__module__}.{cls.__qualname__}", get(cfg, "norm.kind", p)
-    norms = getattr(cls, "norms", None)
+    name, kind, norms = f"{cls.__module__}.{cls.__qualname__}", get(cfg, "norm.kind", p), getattr(cls, "norms", None)
     if norms is not None and isinstance(kind, str) and kind not in norms:
         p.setdefault("norm.kind", f"norm.kind={fmt(kind)} (norm={kind}): the task {name} cannot use it; it takes "
                                   + ", ".join(f"norm={k}" for k in norms))
     batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
-    if kind == "batchnorm" and isinstance(batch, int) and isinstance(accum, int) and accum > 0 and batch == accum:
-        p.setdefault("norm.kind", f"norm.kind='batchnorm' (norm=batchnorm) with micro-batches of 1 sample "
-                                  f"(task.batch_size={batch} / trainer.grad_accum={accum}): BatchNorm cannot normalise "
-                                  "a single sample in training; use a larger task.batch_size, a smaller "
+    if kind == "batchnorm" and isinstance(accum, int) and batch == accum:
+        p.setdefault("norm.kind", f"norm.kind='batchnorm' (norm=batchnorm) with micro-batches of 1 sample (task."
+                                  f"batch_size={batch} / trainer.grad_accum={accum}): BatchNorm cannot normalise a "
+                                  "single sample in training; use a larger task.batch_size, a smaller "
                                   "trainer.grad_accum, or norm=layernorm")
-    declared = getattr(cls, "declared_metrics", None)
-    evals, tests = declared(task) if callable(declared) else ({}, {})
+    evals, tests = cls.declared_metrics(task) if hasattr(cls, "declared_metrics") else ({}, {})
     every = {**evals, **tests}
     for key, allowed, who in (("monitor.metric", every, "use"), ("early_stop.monitor", evals, "early stopping needs"),
                               ("schedule.monitor", evals, "the schedule needs"), ("expect.metric", every, "use")):
-        metric = get(cfg, key, p)
+        metric, mode_key = get(cfg, key, p), key.rsplit(".", 1)[0] + ".mode"
         if not evals or not isinstance(metric, str) or under(p, *interpolated_from(cfg, key)):
             continue
         via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, key))
@@ -139,58 +130,28 @@ def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: Mapping[str, A
             hint = did_you_mean(metric, allowed)
             why = (f"the task {name} scores {metric} once, at the end, not at each evaluation" if metric in every
                    else f"the task {name} does not report {metric!r}" + (f" ({hint})" if "did you" in hint else ""))
-            p.setdefault(key, f"{key}={fmt(metric)}{via}: {why}; {who} {'one of its metrics' if allowed == every else 'an evaluation metric'}: "
+            p.setdefault(key, f"{key}={fmt(metric)}{via}: {why}; {who} "
+                              f"{'one of its metrics' if allowed == every else 'an evaluation metric'}: "
                               + " or ".join(f"{key}={m}" for m in allowed))
-            continue
-        mode_key = key.rsplit(".", 1)[0] + ".mode"
-        mode = get(cfg, mode_key, p)
-        if mode in ("min", "max") and mode != allowed[metric] and not under(p, *interpolated_from(cfg, mode_key)):
+        elif get(cfg, mode_key, p) in ("min", "max") and get(cfg, mode_key, p) != allowed[metric] \
+                and not under(p, *interpolated_from(cfg, mode_key)):
             via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, mode_key))
-            p.setdefault(mode_key, f"{mode_key}={fmt(mode)}{via}: {'lower' if allowed[metric] == 'min' else 'higher'} "
-                                   f"{metric} is better (the task {name} declares it), so {mode} would keep the worst "
-                                   f"value; use {mode_key}={allowed[metric]}")
-
-
-def check_machine(cfg: DictConfig, p: Problems) -> None:
-    """The device exists (trainer/device.py), torch.compile can run here, DDP has a backend for it."""
-    name = get(cfg, "trainer.device", p)
-    if not isinstance(name, str):
-        return
-    try:
-        device = resolve_device(name).type
-    except Exception as e:
-        p.setdefault("trainer.device", str(e))
-        return
-    where = f"trainer.device={name}" + (f" (resolves to {device} here)" if name == "auto" else "")
-    if get(cfg, "trainer.compile", p) is True:  # only setups where torch.compile fails at the first forward
-        import torch._dynamo
-
-        why = ("torch.compile (Dynamo) is not supported by this Python/torch build" if not torch._dynamo.is_dynamo_supported()
-               else "TorchInductor on CPU needs a C++ compiler (g++ or clang++, or set CXX)" if device == "cpu" and not (
-                   os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "clang++", "c++")))
-               else "TorchInductor on CUDA needs Triton (pip install triton)" if device == "cuda"
-               and importlib.util.find_spec("triton") is None else None)
-        if why:
-            p.setdefault("trainer.compile", f"trainer.compile=true with {where}: {why}; use trainer.compile=false")
-    if get(cfg, "trainer.strategy", p) == "ddp" and device == "mps":
-        p.setdefault("trainer.strategy", f"trainer.strategy=ddp with {where}: torch.distributed has no MPS backend; "
-                                         "use trainer.strategy=single")
+            p.setdefault(mode_key, f"{mode_key}={fmt(get(cfg, mode_key, p))}{via}: "
+                                   f"{'lower' if allowed[metric] == 'min' else 'higher'} {metric} is better (the task "
+                                   f"{name} declares it), so {get(cfg, mode_key, p)} would keep the worst value; use "
+                                   f"{mode_key}={allowed[metric]}")
 
 
 def check_construction(cfg: DictConfig, p: Problems) -> None:
     """Construct the parts that hold no data, so their own argument checks run before data loads."""
     total, spe = horizon_numbers(cfg, p)
-    schedule = get(cfg, "schedule", p)
-    if total is not None and isinstance(schedule, dict) and (spe or "ep" not in str(schedule.values())):
+    if total is not None and (spe or "ep" not in str(get(cfg, "schedule", p))):
         construct(cfg, "schedule", lambda made: made(Horizon(total_steps=total, steps_per_epoch=spe or 1)), p)
     for name in get(cfg, "clip", p) or {}:
         construct(cfg, f"clip.{name}", lambda made: made, p)
     construct(cfg, "early_stop", lambda made: made, p)
-    try:
-        device = resolve_device(get(cfg, "trainer.device", p) or "cpu")
-        construct(cfg, "amp", lambda made: made.bind(device), p)  # fp16 needs a GPU: trainer/amp.py says so
-    except Exception:
-        pass  # the device is reported by check_machine
+    if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
+        construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
     construct(cfg, "norm", lambda made: made(4), p)
     if not under(p, "regularize.decay_bias_and_norm", "regularize.decay_embeddings"):
         construct(cfg, "optimizer", lambda made: coupled(made(toy_groups(cfg)), cfg, p), p)
@@ -199,8 +160,8 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
 
 def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
     """The trainer's param groups for a tiny model (hidden matrix, norm, head): some optimizers route by role."""
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
-    return config_param_groups(model, cfg.regularize)
+    return config_param_groups(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                                                   torch.nn.Linear(4, 2)), cfg.regularize)
 
 
 def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
@@ -216,18 +177,15 @@ def augment(factory: Any) -> Any:
     except TypeError as e:
         if "missing" not in str(e):
             raise
-        return None
 
 
 def oddities(cfg: DictConfig) -> list[str]:
     """Settings that run but probably do not do what was meant, one line each (a smoke test shorter than an
     epoch evaluates only at its end: legitimate, so a warning)."""
     p: Problems = {}
-    lines, (total, spe), evals = [], horizon_numbers(cfg, p), get(cfg, "trainer.eval_interval", p)
-    every = None
-    if total and evals is not None and (spe or "ep" not in str(evals)):
-        every = Horizon(total_steps=total, steps_per_epoch=spe or 1).steps(evals)
-    needs = metric_driven(cfg, p)
+    (total, spe), evals, needs = horizon_numbers(cfg, p), get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
+    every = Horizon(total, spe or 1).steps(evals) if total and (spe or "ep" not in str(evals)) else None
+    lines = []
     if every and every > total and not needs:
         lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
                      "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
@@ -250,6 +208,6 @@ def oddities(cfg: DictConfig) -> list[str]:
     threads, cores = get(cfg, "trainer.threads", p), usable_cores()
     if isinstance(threads, int) and threads > cores:
         lines.append(f"trainer.threads={threads}: this machine has {cores} core{'s' * (cores > 1)} for this process; "
-                     f"more threads than cores slow torch down; use trainer.threads=null (torch's default) or at most "
+                     "more threads than cores slow torch down; use trainer.threads=null (torch's default) or at most "
                      f"{cores}")
     return lines

@@ -8,12 +8,16 @@ are registered in Hydra's ConfigStore (`trainer: default`). Durations are parsed
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from annotated_types import BaseMetadata, Ge, Gt, Le, Lt
+from annotated_types import BaseMetadata
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
@@ -24,31 +28,24 @@ class Allowed(BaseMetadata, str):
     """Annotated metadata: the words that say what a field allows, where its type alone does not say it."""
 
 
-# --- durations: steps (int), epochs ("2ep"), a percentage ("5%") or a fraction of the run (a float in [0, 1]) --
-
 DURATION_WORDS = "steps (an int >= 0), epochs ('2ep') or a fraction of the run (a float in [0, 1])"
 
 
 def parse_duration(value: Any) -> tuple[float, str]:
-    """(amount, unit) with unit steps | epochs | fraction; ValueError when `value` is not a duration."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if text.endswith("ep"):
-                amount, unit = float(text[:-2]), "epochs"
-            elif text.endswith("%"):
-                amount, unit = float(text[:-1]) / 100, "fraction"
-            else:
-                return parse_duration(float(text) if "." in text else int(text))
-        except ValueError:
-            raise ValueError(f"must be a duration: {DURATION_WORDS}") from None
-    elif isinstance(value, int) and not isinstance(value, bool):
-        amount, unit = value, "steps"
-    elif isinstance(value, float):
-        amount, unit = value, "fraction"
-    else:
-        raise ValueError(f"must be a duration: {DURATION_WORDS}")
-    if not (math.isfinite(amount) and amount >= 0 and (unit != "fraction" or amount <= 1)):
+    """A duration -> (amount, unit: steps | epochs | fraction); ValueError when `value` is none ('5%' is 0.05)."""
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        if text.endswith("ep"):
+            amount, unit = float(text[:-2]), "epochs"
+        elif text.endswith("%"):
+            amount, unit = float(text[:-1]) / 100, "fraction"
+        elif isinstance(value, str):
+            return parse_duration(float(text) if "." in text else int(text))
+        else:
+            amount, unit = value, {int: "steps", float: "fraction"}.get(type(value))
+    except ValueError:
+        unit = None
+    if unit is None or not (math.isfinite(amount) and amount >= 0 and (unit != "fraction" or amount <= 1)):
         raise ValueError(f"must be a duration: {DURATION_WORDS}")
     return amount, unit
 
@@ -166,19 +163,10 @@ def group(cfg: DictConfig, name: str) -> Any:
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), hydra: bool = False, struct: bool = True) -> DictConfig:
-    """The config `python train.py <overrides>` runs (with the `hydra` node when `hydra`). Inside an initialised
-    Hydra (a test's or a tool's) it composes there; else it initialises Hydra on conf/ for the call."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    def make() -> DictConfig:
-        return hydra_compose("train", overrides=list(overrides), return_hydra_config=hydra)
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = make()
-    else:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = make()
+    """The config `python train.py <overrides>` runs (with the `hydra` node when `hydra`): in the Hydra already
+    initialised (a test's, a tool's), else in one on conf/ for the call."""
+    outer = GlobalHydra.instance().is_initialized()
+    with contextlib.nullcontext() if outer else initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=hydra)
     OmegaConf.set_struct(cfg, struct)
     return cfg

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from optim.core import require
 from optim.adam_core import AdamFamily, Batch, adam_defaults, adam_denominator, adam_moments_, apply_update_
+from optim.core import require
 
 
 class AdamW(AdamFamily):

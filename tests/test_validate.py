@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
+from config import problems, validate
 from core.errors import ConfigError
 from tests.conftest import ROOT, run_cli
-from config import problems, validate
 
 GROUPS = ["task", "optimizer", "schedule", "norm", "regularize", "clip", "amp", "early_stop", "trainer"]
 
@@ -418,12 +418,11 @@ def test_the_seed_limit_is_what_every_generator_accepts():
     """trainer.seed's upper bound works in every RNG the trainer seeds (at a far step); past 2**64 / 1000003 the
     samplers' generators overflow, which is why the bound is not simply 2**64 - 1."""
     import torch
-
-    from core.sampler import EpochSampler, RandomSampler
-    from trainer.rng import seed_everything
     from pydantic import ValidationError
 
     from core.config import SEED_MAX, TrainerConfig
+    from core.sampler import EpochSampler, RandomSampler
+    from trainer.rng import seed_everything
 
     for seed in (0, SEED_MAX):
         TrainerConfig(seed=seed)

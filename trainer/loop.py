@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from core import protocol
-from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
+from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device, split_problem
 from core.errors import BadSampleError, ConfigError, UserError
 from core.log import RunLogger, print_warning
 from core.sampler import SAMPLERS, EpochSampler, RandomSampler
@@ -39,6 +39,7 @@ from optim.transforms import Chain, global_norm
 from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import CoupledWeightDecay, coupled_weight_decay
 from schedules import Horizon, build_scheduler
+from schedules.horizon import total_steps
 from trainer import distributed, resume
 from trainer.checkpoint import CheckpointDir, file_digest, load_checkpoint, resume_candidates
 from trainer.device import resolve_device, set_threads
@@ -116,16 +117,17 @@ def build(cfg: DictConfig) -> Parts:
         raise ConfigError(str(e)) from None
     sampler = SAMPLERS[getattr(task, "sampling", "epoch")](task.train_size, task.batch_size, t.seed,
                                                             sampler_device(task, device))
-    if t.max_steps is None and t.max_epochs is None:
-        raise ConfigError("set trainer.max_steps or trainer.max_epochs (both are null)")
-    total = t.max_steps if t.max_steps is not None else t.max_epochs * sampler.steps_per_epoch
+    try:
+        total = total_steps(t.max_steps, t.max_epochs, sampler.steps_per_epoch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     horizon = Horizon(total_steps=int(total), steps_per_epoch=sampler.steps_per_epoch)
     scheduler = build_scheduler(_build(cfg.schedule, "schedule", horizon), optimizer)
     transforms = Chain([_build(node, f"clip.{name}") for name, node in (cfg.clip or {}).items()])
     early_stop = _build(cfg.early_stop, "early_stop") if cfg.early_stop else None
-    if task.batch_size % (dist.world * t.grad_accum):
-        raise ConfigError(f"task.batch_size={task.batch_size} must divide into {dist.world} ranks x "
-                          f"trainer.grad_accum={t.grad_accum} equal micro-batches")
+    split = split_problem(task.batch_size, t.grad_accum, dist.world)
+    if split:
+        raise ConfigError(split)
     warning = protocol.batchnorm_warning(model, task.batch_size, t.grad_accum, dist.world)
     if warning and dist.is_main:
         print_warning(warning)
@@ -166,7 +168,7 @@ class Trainer:
             raise ConfigError(f"trainer.nonfinite={self.nonfinite!r}: use raise or skip")
         # fp16: an overflowing batch is redone at the halved loss scale at most this often, and never below the
         # minimum scale (fairseq's min_loss_scale); then it counts as a non-finite step.
-        self.fp16_max_retries, self.fp16_min_scale = t.get("fp16_max_retries", 4), t.get("fp16_min_scale", 1e-4)
+        self.fp16_max_retries, self.fp16_min_scale = t.fp16_max_retries, t.fp16_min_scale
         self.fp16_retries = 0
         # Optimizers whose rule uses the loss (AdaLo) declare `requires_loss` and get it as step(loss=...).
         self.needs_loss = getattr(parts.optimizer, "requires_loss", False)
@@ -283,9 +285,9 @@ class Trainer:
                                 "or a run directory.")
             new = OmegaConf.to_container(self.p.cfg, resolve=True)
             changes = resume.check_changes(state.get("config", {}), new, str(path),
-                                           allow=bool(t.get("resume_allow_changes", False)))
+                                           allow=t.resume_allow_changes)
             changes.update(resume.check_data(state.get("data"), self.data, str(path),
-                                             allow=bool(t.get("resume_allow_data_changes", False))))
+                                             allow=t.resume_allow_data_changes))
             self.load_state_dict(state, changes)
             return {"checkpoint": ckpt, "sha256": file_digest(ckpt), "step": self.step, "run_id": state.get("run_id"),
                     "changes": {k: list(v) for k, v in changes.items() if not k.startswith("trainer.resume")}}

@@ -170,12 +170,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def compose(overrides: list[str]) -> DictConfig:
     """The config `python train.py <overrides>` runs (without the hydra node)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from core.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides)
-    return cfg
+    return compose_config(overrides)
 
 
 def _group_options(group: str) -> list[str] | None:
@@ -221,8 +218,8 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
     """Parse, compose and validate everything; raise ConfigError listing every problem at once."""
     from hydra.errors import HydraException
 
-    from config.cli import unknown_keys
     from config import did_you_mean, problems, unresolvable
+    from config.cli import unknown_keys
 
     axis, values, shared, bad = split_axis(args)
     if bad:
