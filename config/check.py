@@ -67,7 +67,8 @@ def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
     if hint in (bool, str, type(None)):
         return {bool: "true or false", str: "a string", type(None): "null"}[hint]
     if hint in (int, float):
-        kind, b = "an int" if hint is int else "a number", {type(m): m for m in meta if isinstance(m, Ge | Gt | Le | Lt)}
+        kind = "an int" if hint is int else "a number"
+        b = {type(m): m for m in meta if isinstance(m, Ge | Gt | Le | Lt)}
         lo = ("[", ">=", b[Ge].ge) if Ge in b else ("(", ">", b[Gt].gt) if Gt in b else None
         hi = ("]", b[Le].le) if Le in b else (")", b[Lt].lt) if Lt in b else None
         return f"{kind} in {lo[0]}{lo[2]}, {hi[1]}{hi[0]}" if lo and hi else f"{kind} {lo[1]} {lo[2]}" if lo else kind

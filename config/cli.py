@@ -36,13 +36,9 @@ def groups() -> set[str]:
 def required_groups() -> dict[str, list[str]]:
     """The groups every run has an option of (train.yaml's defaults with a non-null default) -> their options.
     `recipe` (null by default) is among them: the defaults list interpolates it, so `~recipe` cannot compose."""
-    found = {}
-    for entry in OmegaConf.load(CONF / "train.yaml").defaults:
-        if isinstance(entry, DictConfig) and len(entry) == 1:
-            group = str(next(iter(entry)))
-            if " " not in group and "@" not in group and (entry[group] is not None or group == "recipe"):
-                found[group] = options(group)
-    return found
+    entries = [e for e in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(e, DictConfig) and len(e) == 1]
+    return {g: options(g) for e in entries for g in map(str, e)
+            if " " not in g and "@" not in g and (e[g] is not None or g == "recipe")}
 
 
 def unknown_keys(args: list[str]) -> list[str]:

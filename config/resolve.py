@@ -135,4 +135,5 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
                                                       else f"the resolvers here: {', '.join(known)}")
     resolver = re.match(r"\$\{([\w.]+):", text)
     cause = re.sub(r"^(\w+) raised while resolving interpolation: ", r"\1: ", msg)
-    return f"{f'the resolver {resolver[1]} failed' if resolver else 'resolving it failed'} ({cause}); fix the expression"
+    what = f"the resolver {resolver[1]} failed" if resolver else "resolving it failed"
+    return f"{what} ({cause}); fix the expression"

@@ -39,11 +39,21 @@ def target(cfg: DictConfig, key: str, p: Problems) -> Any:
         return None
 
 
+def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
+    """The task class and its resolved `task.*` keys over the constructor's defaults (what Task.check takes)."""
+    cls, task = target(cfg, "task", p), get(cfg, "task", p) or {}
+    try:
+        params = inspect.signature(cls).parameters.values() if inspect.isclass(cls) else []
+    except (TypeError, ValueError):
+        params = []
+    return cls, {**{q.name: q.default for q in params if q.default is not q.empty}, **task}
+
+
 def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | None, int | None]:
     """(total steps, steps per epoch) as far as they are known without data (None where not)."""
     p = {} if p is None else p
-    cls, batch = target(cfg, "task", p), get(cfg, "task.batch_size", p)
-    n = cls.train_size_of(get(cfg, "task", p) or {}) if hasattr(cls, "train_size_of") else None
+    (cls, task), batch = task_settings(cfg, p), get(cfg, "task.batch_size", p)
+    n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
     spe = n // batch if n is not None and isinstance(batch, int) and 0 < batch <= n else None  # drop_last
     try:
         return total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), spe), spe
@@ -61,7 +71,7 @@ def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
 
 
 def check_rules(cfg: DictConfig, p: Problems) -> None:
-    add, cls, task = p.setdefault, target(cfg, "task", p), get(cfg, "task", p) or {}
+    add, (cls, task) = p.setdefault, task_settings(cfg, p)
     try:
         total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), None)
     except ValueError as e:

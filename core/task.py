@@ -66,12 +66,13 @@ class Task(abc.ABC):
     # --- what the config checker (config/) asks of a task config (its resolved `task.*` keys), without data -----
     @classmethod
     def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
-        """The training-set size this task config trains on, when known without loading data; else None."""
+        """The training-set size this task config (as for check) trains on, when known without data; else None."""
         return None
 
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
-        """This task config's own rule violations, one line each: `task.key=value: what is allowed`."""
+        """This task config's own rule violations, one line each: `task.key=value: what is allowed`. `task`: the
+        resolved `task.*` keys over the constructor's defaults."""
         batch = task.get("batch_size")
         ok = isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1
         return [] if ok or "batch_size" not in task else [f"task.batch_size={batch!r}: must be an int >= 1"]

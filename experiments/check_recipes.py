@@ -53,6 +53,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -133,7 +134,7 @@ def declared(name: str, overrides: list[str]) -> tuple[dict[str, Any] | None, li
 
 def expectation(expect: dict[str, Any], version: str) -> Expectation:
     """The full version's or the short version's expectation from an `expect` block (its defaults: the model's)."""
-    e = ExpectConfig.model_validate(expect)
+    e = ExpectConfig.model_validate(OmegaConf.to_container(expect) if isinstance(expect, DictConfig) else expect)
     base = dict(metric=e.metric, mode=e.mode, device=e.device, measured_on=e.measured_on)
     if version == "full":
         return Expectation(**base, target=e.target, tolerance=e.tolerance, measured=e.measured,

@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
 
+    from config import validate
     from core.errors import UserError
     from core.log import print_error
     from trainer.run import run
-    from config import validate
 
     run_dir: Path = args.run_dir
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "final_metrics.json").is_file():

@@ -53,15 +53,15 @@ class MnistCNN(Task):
 
     @classmethod
     def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
-        val = task.get("val_size", 5000)
+        val = task["val_size"]
         return MNIST_TRAIN - val if isinstance(val, int) and 0 <= val < MNIST_TRAIN else None
 
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
-        val = task.get("val_size", 5000)
+        val = task["val_size"]
         bad = not isinstance(val, int) or isinstance(val, bool) or not 1 <= val < MNIST_TRAIN
-        return super().check(task) + ([f"task.val_size={val!r}: must be an int in [1, {MNIST_TRAIN - 1}]; the CNN evaluates on its validation split"]
-                                      if bad else [])
+        why = f"task.val_size={val!r}: must be an int in [1, {MNIST_TRAIN - 1}] (the CNN evaluates on that split)"
+        return super().check(task) + [why] * bad
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, norm: NormFactory | None = None,

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import config.cli
 from core.errors import ConfigError
-from tests.conftest import ROOT, compose_cfg, run_cli
+from tests.conftest import compose_cfg, run_cli
 from trainer.loop import Trainer, build
 
 GROUPS = ["optimizer", "schedule", "norm", "clip", "amp", "early_stop", "task", "regularize", "trainer"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return config.cli.options(group)  # conf/<group>/*.yaml and the ConfigStore's (trainer: default)
 
 
 def test_every_group_has_its_issue_options():

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.sweep  # noqa: F401  registers ${kiln.direction:...}, as train.py does
-from tests.conftest import ROOT, compose_cfg, run_cli
 from config import problems
+from tests.conftest import ROOT, compose_cfg, run_cli
 
 UNSET = "KILN_TEST_UNSET_VARIABLE"
 ENV_FIX = f"the environment variable {UNSET} is not set; set it (export {UNSET}=...) or give a default: " \

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
 from config import problems, validate
+from config.cli import options
 from core.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 
@@ -49,18 +50,25 @@ BAD = [
     ("optimizer=adam +optimizer.lrr=0.1", "optimizer.lrr=0.1: unknown key for torch.optim.Adam; did you mean 'lr'?"),
     ("optimizer=sgd +optimizer.nesterof=true", "optimizer.nesterof=true: unknown key for torch.optim.SGD; "
                                                "did you mean 'nesterov'?"),
-    ("optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0]: Invalid beta parameter at index 1: 1.0; the default is optimizer.betas=[0.9, 0.999]"),
+    ("optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0]: Invalid beta parameter at index 1: 1.0; "
+     "the default is optimizer.betas=[0.9, 0.999]"),
     ("optimizer.betas=[-0.1,0.999]", "optimizer.betas=[-0.1, 0.999]: Invalid beta parameter at index 0"),
-    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: tuple index out of range; the default is optimizer.betas=[0.9, 0.999]"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: tuple index out of range; "
+     "the default is optimizer.betas=[0.9, 0.999]"),
     ("optimizer.eps=-1e-8", "optimizer.eps=-1e-08: Invalid epsilon value: -1e-08; the default is optimizer.eps=1e-08"),
     ("optimizer.foreach=yes", "optimizer.foreach='yes': must be null or true or false (the type of `foreach`"),
-    ("optimizer=momentum optimizer.momentum=-0.1", "optimizer.momentum=-0.1: Invalid momentum value: -0.1; the default is optimizer.momentum=0"),
-    ("optimizer=momentum optimizer.lr=-2", "optimizer.lr=-2: Invalid learning rate: -2; the default is optimizer.lr=0.001"),
-    ("optimizer=lookahead optimizer.k=0", "optimizer.k=0: Invalid k: 0 (want an int >= 1); the default is optimizer.k=5"),
-    ("optimizer=lookahead optimizer.inner.lr=-1", "optimizer.inner.lr=-1: Invalid learning rate: -1 (want > 0); the default is optimizer.inner.lr=0.001"),
+    ("optimizer=momentum optimizer.momentum=-0.1", "optimizer.momentum=-0.1: Invalid momentum value: -0.1; "
+     "the default is optimizer.momentum=0"),
+    ("optimizer=momentum optimizer.lr=-2", "optimizer.lr=-2: Invalid learning rate: -2; "
+     "the default is optimizer.lr=0.001"),
+    ("optimizer=lookahead optimizer.k=0", "optimizer.k=0: Invalid k: 0 (want an int >= 1); "
+     "the default is optimizer.k=5"),
+    ("optimizer=lookahead optimizer.inner.lr=-1", "optimizer.inner.lr=-1: Invalid learning rate: -1 (want > 0); "
+     "the default is optimizer.inner.lr=0.001"),
     ("optimizer=lookahead +optimizer.inner.lrr=1", "optimizer.inner.lrr=1: unknown key for optim.adamw.adamw; "
                                                    "did you mean 'lr'?"),
-    ("optimizer=muon optimizer.ns_steps=0", "optimizer.ns_steps=0: Invalid ns_steps: 0 (want an int in [1, 100)); the default is optimizer.ns_steps=5"),
+    ("optimizer=muon optimizer.ns_steps=0", "optimizer.ns_steps=0: Invalid ns_steps: 0 (want an int in [1, 100)); "
+     "the default is optimizer.ns_steps=5"),
     ("optimizer=adalo optimizer.mode=bogus", "optimizer.mode='bogus': Invalid mode"),
     ("optimizer._target_=torch.optim.Adamx", "optimizer._target_='torch.optim.Adamx': cannot be imported "
                                              "(module 'torch.optim' has no 'Adamx'); did you mean 'Adamax'?"),
@@ -73,10 +81,13 @@ BAD = [
     ("regularize.loss_reduction=median", "regularize.loss_reduction='median': must be one of mean, soft_median"),
     ("+regularize.dropuot=0.1", "regularize.dropuot=0.1: unknown key in regularize; did you mean 'dropout'?"),
     ("task=mnist_cnn regularize=augment_digits regularize.augment.erase_p=2",
-     "regularize.augment.erase_p=2: augment: crop_padding=2 must be >= 0 and erase_p=2 in [0, 1]; the default is regularize.augment.erase_p=0.0"),
+     "regularize.augment.erase_p=2: augment: crop_padding=2 must be >= 0 and erase_p=2 in [0, 1]; "
+      "the default is regularize.augment.erase_p=0.0"),
     # early stopping, monitor
-    ("early_stop=on early_stop.patience=-1", "early_stop.patience=-1: must be an int >= 0; the default is early_stop.patience=3"),
-    ("early_stop=on early_stop.mode=up", "early_stop.mode='up': must be one of min, max; the default is early_stop.mode='min'"),
+    ("early_stop=on early_stop.patience=-1", "early_stop.patience=-1: must be an int >= 0; "
+     "the default is early_stop.patience=3"),
+    ("early_stop=on early_stop.mode=up", "early_stop.mode='up': must be one of min, max; "
+     "the default is early_stop.mode='min'"),
     ("early_stop=on trainer.eval_interval=0", "trainer.eval_interval=0: early stopping needs evaluations"),
     ("early_stop=on +early_stop.patiense=2", "early_stop.patiense=2: unknown key for trainer.early_stop."
                                              "EarlyStopping; did you mean 'patience'?"),
@@ -88,10 +99,13 @@ BAD = [
     ("task=mnist_cnn schedule.warmup=11ep", "longer than the run (4290 steps)"),  # (60000 - 5000) // 128 * 10
     ("schedule.warmup=1.5", "schedule.warmup=1.5: must be a duration"),
     ("schedule.warmup=-3", "schedule.warmup=-3: must be a duration"),
-    ("schedule.floor=2", "schedule.floor=2: must be in [0.0, 1.0] (the final LR as a fraction of the peak LR); the default is schedule.floor=0.0"),
-    ("schedule=wsd schedule.shape=square", "schedule.shape='square': use one of ['1-sqrt', 'cosine', 'linear']; the default is schedule.shape='1-sqrt'"),
+    ("schedule.floor=2", "schedule.floor=2: must be in [0.0, 1.0] (the final LR as a fraction of the peak LR); "
+     "the default is schedule.floor=0.0"),
+    ("schedule=wsd schedule.shape=square", "schedule.shape='square': use one of ['1-sqrt', 'cosine', 'linear']; "
+     "the default is schedule.shape='1-sqrt'"),
     ("schedule=wsd schedule.warmup=0.5 schedule.cooldown=0.6", "are longer than the run (4290 steps)"),
-    ("schedule=plateau schedule.patience=-2", "schedule.patience=-2: must be a whole number of evaluations >= 0; the default is schedule.patience=2"),
+    ("schedule=plateau schedule.patience=-2", "schedule.patience=-2: must be a whole number of evaluations >= 0; "
+     "the default is schedule.patience=2"),
     ("schedule=plateau trainer.eval_interval=0", "trainer.eval_interval=0: schedule=plateau needs evaluations"),
     ("+schedule.warmpu=0.1", "schedule.warmpu=0.1: unknown key for schedules.cosine_warmup; did you mean 'warmup'?"),
     # trainer
@@ -102,7 +116,8 @@ BAD = [
     ("trainer.grad_accum=3", "trainer.grad_accum=3: grad_accum must divide task.batch_size=128"),
     ("trainer.device=gpu", "trainer.device='gpu': must be auto, cpu, cuda, cuda:N or mps"),
     ("trainer.device=cuda:7", "trainer.device='cuda:7': "),
-    ("amp=fp16 trainer.device=cpu", "amp.dtype='float16': amp=fp16 needs a GPU (fp16 autocast + GradScaler); on CPU use amp=bf16 or amp=off; the default is amp.dtype='float32'"),
+    ("amp=fp16 trainer.device=cpu", "amp.dtype='float16': amp=fp16 needs a GPU (fp16 autocast + GradScaler); on CPU use amp=bf16 or amp=off; "
+     "the default is amp.dtype='float32'"),
     ("trainer.nonfinite=ignore", "trainer.nonfinite='ignore': must be one of raise, skip"),
     ("trainer.strategy=fsdp", "trainer.strategy='fsdp': must be one of single, ddp"),
     ("trainer.progress=fancy", "trainer.progress='fancy': must be one of auto, rich, plain, off"),
@@ -119,13 +134,16 @@ BAD = [
     ("task=char_transformer task.n_embd=130", "task.n_embd=130: must be a multiple of task.n_head=4"),
     ("task=char_transformer +task.n_layers=2", "task.n_layers=2: unknown key for tasks.char_transformer."
                                                "CharTransformer; did you mean 'n_layer'?"),
-    ("norm=layernorm norm.kind=groupnorm", "norm.kind='groupnorm': norm kind 'groupnorm': use one of none, batchnorm, layernorm, rmsnorm; the default is norm.kind='none'"),
+    ("norm=layernorm norm.kind=groupnorm", "norm.kind='groupnorm': norm kind 'groupnorm': use one of none, batchnorm, layernorm, rmsnorm; "
+     "the default is norm.kind='none'"),
     ("norm=layernorm norm.eps=0", "norm.eps=0: must be a number > 0; the default is norm.eps=1e-05"),
     ("clip=norm clip.norm.max_norm=0", "clip.norm.max_norm=0: must be > 0; the default is clip.norm.max_norm=1.0"),
     ("clip=value +clip.value.vlaue=3", "clip.value.vlaue=3: unknown key for optim.transforms.ClipValue; "
                                       "did you mean 'value'?"),
-    ("clip=adaptive clip.adaptive.warmup=500", "clip.adaptive.warmup=500: must be an integer in [1, window=100]; the default is clip.adaptive.warmup=10"),
-    ("amp.dtype=float8", "amp.dtype='float8': must be one of float32, bfloat16, float16; the default is amp.dtype='float32'"),
+    ("clip=adaptive clip.adaptive.warmup=500", "clip.adaptive.warmup=500: must be an integer in [1, window=100]; "
+     "the default is clip.adaptive.warmup=10"),
+    ("amp.dtype=float8", "amp.dtype='float8': must be one of float32, bfloat16, float16; "
+     "the default is amp.dtype='float32'"),
     ("data.download=maybe", "data.download='maybe': must be auto or true or false"),
     ("+foo=1", "foo=1: unknown top-level key"),
 ]
@@ -171,7 +189,7 @@ def test_hydra_rejects_before_validation(make, line, expected):
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return options(group)  # conf/<group>/*.yaml and the ConfigStore's (trainer: default)
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -345,7 +363,8 @@ HOSTILE = [
     ("trainer.max_steps=inf", ["trainer.max_steps=inf: must be null or an int >= 1"]),
     ("regularize.weight_decay='inf'", ["regularize.weight_decay='inf': must be a number >= 0"]),
     ("early_stop=on early_stop.min_delta=-inf", ["early_stop.min_delta=-inf: must be a number >= 0"]),
-    ("optimizer.betas=[nan,0.999]", ["optimizer.betas=[nan, 0.999]: Invalid beta parameter at index 0: nan; the default is optimizer.betas=[0.9, 0.999]"]),
+    ("optimizer.betas=[nan,0.999]", ["optimizer.betas=[nan, 0.999]: Invalid beta parameter at index 0: nan; "
+     "the default is optimizer.betas=[0.9, 0.999]"]),
     ("trainer.checkpoint_interval=-2", ["trainer.checkpoint_interval=-2: must be a duration"]),
     ("trainer.histogram_interval=-1ep", ["trainer.histogram_interval='-1ep': must be a duration"]),
     ("trainer.keep_checkpoints=-1", ["trainer.keep_checkpoints=-1: must be an int >= 0"]),

@@ -33,11 +33,11 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
     import torch
     from omegaconf import open_dict
 
+    from config import validate
     from experiments.compare.runs import _output_to
     from trainer.device import threads as thread_count
     from trainer.loop import build
     from trainer.run import run
-    from config import validate
 
     def config(steps: int):
         cfg = plan.config(option, plan.overrides(option, steps, plan.tuning_seed, None if plan.screen else 0.0))

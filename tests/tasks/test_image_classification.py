@@ -180,8 +180,8 @@ def test_an_image_that_fails_to_decode_stops_the_run_or_is_skipped(digit_folder,
 
 
 def test_bad_values_are_reported_together_before_any_data_loads():
-    from tests.conftest import compose_cfg
     from config import problems
+    from tests.conftest import compose_cfg
 
     lines = problems(compose_cfg("task=image_classification", "task.val_fraction=1.5", "task.num_classes=1",
                                  "task.bad_images=ignore", "+task.dataset.roott=/x", "data.workers=-1",
