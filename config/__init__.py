@@ -7,17 +7,17 @@ from omegaconf import DictConfig
 
 from config.check import bind as _bind
 from config.check import check_groups, did_you_mean, fmt, targets
+from config.cli import required_groups
 from config.resolve import unresolvable
 from config.rules import check_construction, check_rules, horizon_numbers, oddities
 from core.errors import ConfigError
+from core.log import print_warning
 
 _WARNED: set[str] = set()  # oddities already printed by this process (a sweep checks every job)
 
 
 def problems(cfg: DictConfig) -> list[str]:
     """Every problem in `cfg`, one line each ('full.key=value: what is allowed'); empty when valid."""
-    from config.cli import required_groups
-
     p = dict(unresolvable(cfg))
     try:
         check_groups(cfg, p, {g: o for g, o in required_groups().items() if g != "recipe"})
@@ -34,8 +34,6 @@ def problems(cfg: DictConfig) -> list[str]:
 
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem in `cfg`; when it is valid, print its oddities (once each)."""
-    from core.log import print_warning
-
     lines = problems(cfg)
     if lines:
         n = len(lines)

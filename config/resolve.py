@@ -76,27 +76,16 @@ def references(key: str, text: str) -> list[str]:
     return out
 
 
-def _cycle(cfg: DictConfig, key: str) -> list[str] | None:
-    """key -> ... -> key through plain references, or None."""
-    def text_at(k: str) -> str:
-        node: Any = cfg
-        try:
-            for part in k.split("."):
-                node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
-            return str(node._value())
-        except Exception:
-            return ""
-
-    def follow(k: str, seen: list[str]) -> list[str] | None:
-        for ref in references(k, text_at(k)):
-            if ref == key:
-                return [*seen, ref]
-            found = follow(ref, [*seen, ref]) if ref not in seen else None
-            if found:
-                return found
-        return None
-
-    return follow(key, [key])
+def _cycle(cfg: DictConfig, key: str) -> list[str]:
+    """key -> ... -> key, following each expression's first reference."""
+    chain = [key]
+    while len(chain) < 50:
+        node = OmegaConf.select(cfg, chain[-1].rpartition(".")[0]) if "." in chain[-1] else cfg
+        refs = references(chain[-1], str(node._get_node(chain[-1].rpartition(".")[2])._value()))
+        chain.append(refs[0] if refs else key)
+        if chain[-1] in chain[:-1]:
+            break
+    return chain
 
 
 def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any] | None = None) -> str:
@@ -104,7 +93,7 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     refs = references(key, text)
     if "Recursive interpolation" in msg:
-        return f"a reference cycle ({' -> '.join(_cycle(cfg, key) or [key])}); give one of these keys a value"
+        return f"a reference cycle ({' -> '.join(_cycle(cfg, key))}); give one of these keys a value"
     broken = [r for r in refs if r in (failed or {})]
     if broken:
         return f"it refers to {broken[0]}, which cannot be resolved itself (see {broken[0]})"

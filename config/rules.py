@@ -181,7 +181,7 @@ def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
 
 
 def augment(factory: Any) -> Any:
-    """Call the augmentation factory as MnistCNN does; one that needs task facts (vocab size) is left alone."""
+    """Call the augmentation factory as a task does; one that needs task facts (vocab size) is left alone."""
     try:
         return factory()
     except TypeError as e:
