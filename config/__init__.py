@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from config.check import bind as _bind
-from config.check import check_groups, did_you_mean, fmt, targets
+from config.bind import TOP_LEVEL, check_groups, did_you_mean, fmt, targets
+from config.bind import bind as _bind
 from config.cli import required_groups
 from config.resolve import unresolvable
 from config.rules import check_construction, check_rules, horizon_numbers, oddities
@@ -29,7 +29,10 @@ def problems(cfg: DictConfig) -> list[str]:
     except Exception as e:  # a bug in a check must still end as a clear message, never a traceback
         p.setdefault("<checker>", f"the config could not be checked completely ({type(e).__name__}: {e}); "
                                   "please report this")
-    return list(p.values())
+    resolving = [line for key, line in p.items() if ": cannot be resolved: " in line]
+    order = {g: i for i, g in enumerate(TOP_LEVEL)}  # then by group, as the config reads
+    return resolving + [line for _, line in sorted((x for x in p.items() if x[1] not in resolving),
+                                                   key=lambda x: order.get(x[0].split(".")[0], len(order)))]
 
 
 def check(cfg: DictConfig) -> None:

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from config.check import Problems, construct, did_you_mean, fmt, under
+from config.bind import Problems, construct, did_you_mean, fmt, under
 from core.batches import split_problem, usable_cores
 from core.config import parse_duration
 from core.protocol import interpolated_from
@@ -76,7 +76,7 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
         total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), None)
     except ValueError as e:
         add("trainer.max_steps", str(e))
-    for line in cls.check(task) if hasattr(cls, "check") and not under(p, "task") else []:
+    for line in cls.check(task) if hasattr(cls, "check") else []:
         add(line.split("=")[0].split(":")[0], line)
     batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
     if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and split_problem(batch, accum):
@@ -176,8 +176,11 @@ def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
     """regularize.weight_decay_mode=coupled needs an optimizer with weight decay (regularize/weight_decay.py)."""
-    if not under(p, "regularize.weight_decay_mode", "regularize.weight_decay"):
-        coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
+    try:
+        if not under(p, "regularize.weight_decay_mode", "regularize.weight_decay"):
+            coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
+    except ValueError as e:  # the optimizer is fine: the rule is regularize's
+        p.setdefault("regularize.weight_decay_mode", str(e))
 
 
 def augment(factory: Any) -> Any:

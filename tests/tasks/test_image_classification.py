@@ -191,7 +191,7 @@ def test_bad_values_are_reported_together_before_any_data_loads():
                      "task.num_classes=1: must be null or an int >= 2",
                      "task.bad_images='ignore': must be one of error, skip",
                      "data.workers=-1: must be an int >= 0",
-                     "data.pin_memory='maybe': must be auto, true or false"]
+                     "data.pin_memory='maybe': must be auto or true or false"]
 
 
 # -- every split numbers its classes as the training split does -----------------------------------------------------
