@@ -41,7 +41,9 @@ def target(cfg: DictConfig, key: str, p: Problems) -> Any:
 
 def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
     """The task class and its resolved `task.*` keys over the constructor's defaults (what Task.check takes)."""
-    cls, task = target(cfg, "task", p), get(cfg, "task", p) or {}
+    node, cls = cfg.get("task"), target(cfg, "task", p)
+    keys = [str(k) for k in node if not under(p, f"task.{k}")] if isinstance(node, DictConfig) else []
+    task = {k: get(cfg, f"task.{k}", p) for k in keys}  # the keys with a problem take their defaults
     try:
         params = inspect.signature(cls).parameters.values() if inspect.isclass(cls) else []
     except (TypeError, ValueError):
