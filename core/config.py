@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,16 +51,17 @@ def parse_duration(value: Any) -> tuple[float, str]:
     return amount, unit
 
 
-def _positive(value: Any) -> Any:
-    if parse_duration(value)[0] == 0:
+def _duration(value: Any, positive: bool = False) -> Any:
+    """The schema keeps the duration as written; parse_duration only checks it."""
+    if parse_duration(value)[0] == 0 and positive:
         raise ValueError("zero")
     return value
 
 
-Duration = Annotated[StrictInt | StrictFloat | StrictStr, AfterValidator(parse_duration), Allowed(
+Duration = Annotated[StrictInt | StrictFloat | StrictStr, AfterValidator(_duration), Allowed(
     "a duration: " + DURATION_WORDS)]
-PositiveDuration = Annotated[StrictInt | StrictFloat | StrictStr, AfterValidator(_positive), Allowed(
-    "a positive duration: " + DURATION_WORDS)]
+PositiveDuration = Annotated[StrictInt | StrictFloat | StrictStr, AfterValidator(partial(_duration, positive=True)),
+                             Allowed("a positive duration: " + DURATION_WORDS)]
 Unit = Annotated[float, Field(ge=0, lt=1)]  # [0, 1): dropout, label smoothing
 # trainer.seed: torch generators take seeds in [-2**63, 2**64), and the samplers seed theirs with
 # seed * 1000003 + step (core/sampler.py), which must stay below 2**64: 2**44 - 1 leaves 8e17 steps.
@@ -155,11 +157,6 @@ class ExpectConfig(Group):
 GROUPS: dict[str, type[Group]] = {"trainer": TrainerConfig, "data": DataConfig, "regularize": RegularizeConfig,
                                   "monitor": MonitorConfig, "expect": ExpectConfig}
 ConfigStore.instance().store(group="trainer", name="default", node=TrainerConfig().model_dump())
-
-
-def group(cfg: DictConfig, name: str) -> Any:
-    """A closed group as its model (defaults filled in), e.g. group(cfg, "trainer").fp16_max_retries."""
-    return GROUPS[name].model_validate(OmegaConf.to_container(cfg[name], resolve=True))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), hydra: bool = False, struct: bool = True) -> DictConfig:

@@ -1,4 +1,4 @@
-"""Draw the LR curve of a composed config: `python -m experiments.schedule_plot schedule=<name> [overrides] [out=x.png]`.
+"""Draw the LR curve of a composed config: `python -m experiments.schedule_plot schedule=<name> [out=x.png]`.
 
 Composes the real config (conf/, as train.py would, any override allowed), builds the schedule for the run's
 horizon and writes a PNG of optimizer.lr x multiplier for every update. No data is loaded: the horizon is

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from core import figures
+from experiments import schedule_plot
 from experiments.compare import figures as compare_figures
-from experiments import schedule_plot as plot as schedule_plot
 from tasks.image_classification import ImageClassification
 from tasks.mnist_vae import MnistVAE
 from tests.conftest import ROOT

@@ -116,8 +116,8 @@ BAD = [
     ("trainer.grad_accum=3", "trainer.grad_accum=3: grad_accum must divide task.batch_size=128"),
     ("trainer.device=gpu", "trainer.device='gpu': must be auto, cpu, cuda, cuda:N or mps"),
     ("trainer.device=cuda:7", "trainer.device='cuda:7': "),
-    ("amp=fp16 trainer.device=cpu", "amp.dtype='float16': amp=fp16 needs a GPU (fp16 autocast + GradScaler); on CPU use amp=bf16 or amp=off; "
-     "the default is amp.dtype='float32'"),
+    ("amp=fp16 trainer.device=cpu", "amp.dtype='float16': amp=fp16 needs a GPU (fp16 autocast + GradScaler); on "
+                                    "CPU use amp=bf16 or amp=off; the default is amp.dtype='float32'"),
     ("trainer.nonfinite=ignore", "trainer.nonfinite='ignore': must be one of raise, skip"),
     ("trainer.strategy=fsdp", "trainer.strategy='fsdp': must be one of single, ddp"),
     ("trainer.progress=fancy", "trainer.progress='fancy': must be one of auto, rich, plain, off"),
@@ -134,8 +134,8 @@ BAD = [
     ("task=char_transformer task.n_embd=130", "task.n_embd=130: must be a multiple of task.n_head=4"),
     ("task=char_transformer +task.n_layers=2", "task.n_layers=2: unknown key for tasks.char_transformer."
                                                "CharTransformer; did you mean 'n_layer'?"),
-    ("norm=layernorm norm.kind=groupnorm", "norm.kind='groupnorm': norm kind 'groupnorm': use one of none, batchnorm, layernorm, rmsnorm; "
-     "the default is norm.kind='none'"),
+    ("norm=layernorm norm.kind=groupnorm", "norm.kind='groupnorm': norm kind 'groupnorm': use one of none, "
+                                           "batchnorm, layernorm, rmsnorm; the default is norm.kind='none'"),
     ("norm=layernorm norm.eps=0", "norm.eps=0: must be a number > 0; the default is norm.eps=1e-05"),
     ("clip=norm clip.norm.max_norm=0", "clip.norm.max_norm=0: must be > 0; the default is clip.norm.max_norm=1.0"),
     ("clip=value +clip.value.vlaue=3", "clip.value.vlaue=3: unknown key for optim.transforms.ClipValue; "
@@ -680,3 +680,60 @@ def test_cli_duplicate_option_and_a_run_dir_that_cannot_be_made_exit_2(paths):
     message = " ".join(out.stderr.split())
     assert "Traceback" not in out.stderr and "2 problems" in message
     assert "lists norm twice" in message and f"hydra.run.dir='{paths['file']}/run': cannot be created" in message
+
+
+# --- one parser for durations; a task's own rules -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("value", "parsed"), [(0, (0, "steps")), (500, (500, "steps")), ("500", (500, "steps")),
+                                               (0.05, (0.05, "fraction")), ("5%", (0.05, "fraction")),
+                                               ("2ep", (2.0, "epochs")), (" 0.5 ", (0.5, "fraction"))])
+def test_a_duration_is_parsed_once_for_the_schema_and_the_horizon(value, parsed):
+    from core.config import TrainerConfig, parse_duration
+    from schedules.horizon import Horizon
+
+    assert parse_duration(value) == parsed
+    assert TrainerConfig(eval_interval=value).eval_interval == value  # the schema keeps what was written
+    steps = {"steps": parsed[0], "fraction": round(parsed[0] * 1000), "epochs": round(parsed[0] * 10)}[parsed[1]]
+    assert Horizon(total_steps=1000, steps_per_epoch=10).steps(value) == steps
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "1e999ep", "nan%", "150%", "abc", True, None])
+def test_what_is_not_a_duration_is_refused_by_both(value):
+    from pydantic import ValidationError
+
+    from core.config import TrainerConfig
+    from schedules.horizon import Horizon
+
+    with pytest.raises(ValidationError):
+        TrainerConfig(eval_interval=value)
+    if value is not None:  # Horizon reads None as zero steps (an absent duration)
+        with pytest.raises(ValueError, match="must be a duration"):
+            Horizon(total_steps=1000, steps_per_epoch=10).steps(value)
+
+
+def test_a_users_task_states_its_own_rules(make):
+    """Task.check and Task.train_size_of: the checker names no task, so a user's task gets the same checks."""
+    from tests.toy import LineTask
+
+    class Picky(LineTask):
+        @classmethod
+        def check(cls, task):
+            return super().check(task) + ([f"task.batch_size={task['batch_size']}: must be even"]
+                                          if task["batch_size"] % 2 else [])
+
+        @classmethod
+        def train_size_of(cls, task):
+            return 64
+
+    import tests.toy
+
+    tests.toy.Picky = Picky
+    try:
+        cfg = make("task=mnist_vae")
+        cfg.task = {"_target_": "tests.toy.Picky", "batch_size": 65}
+        assert "task.batch_size=65: must be even" in problems(cfg)
+        assert "task.batch_size=65: must be <= the training set (64 samples)" not in problems(cfg)  # first wins
+        cfg.task.batch_size = 128
+        assert "task.batch_size=128: must be <= the training set (64 samples)" in problems(cfg)
+    finally:
+        del tests.toy.Picky
