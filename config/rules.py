@@ -157,8 +157,10 @@ def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
 def check_construction(cfg: DictConfig, p: Problems) -> None:
     """Construct the parts that hold no data, so their own argument checks run before data loads."""
     total, spe = horizon_numbers(cfg, p)
-    if total is not None and (spe or "ep" not in str(get(cfg, "schedule", p))):
-        construct(cfg, "schedule", lambda made: made(Horizon(total_steps=total, steps_per_epoch=spe or 1)), p)
+    known = total is not None and (spe or "ep" not in str(get(cfg, "schedule", p)))
+    # a run of unknown length: a horizon every duration fits, so only the schedule's other arguments are judged
+    horizon = Horizon(total, spe or 1) if known else Horizon(10**12, 10**6)
+    construct(cfg, "schedule", lambda made: made(horizon), p)
     for name in get(cfg, "clip", p) or {}:
         construct(cfg, f"clip.{name}", lambda made: made, p)
     construct(cfg, "early_stop", lambda made: made, p)

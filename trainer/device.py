@@ -37,18 +37,19 @@ def resolve_device(name: str) -> torch.device:
 def machine_problems(name: str, compile: bool, strategy: str) -> dict[str, str]:
     """config key -> why this machine cannot run the setting: the device, torch.compile (only setups known to
     fail at the first forward), DDP's backend."""
-    from torch._dynamo import is_dynamo_supported  # heavy: imported only when asked
-
     try:
         device = resolve_device(name).type
     except ConfigError as e:
         return {"trainer.device": str(e)}
     where, found = f"trainer.device={name}" + (f" (resolves to {device} here)" if name == "auto" else ""), {}
-    compiler = os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "clang++", "c++"))
-    why = ("torch.compile (Dynamo) is not supported by this Python/torch build" if not is_dynamo_supported()
-           else "TorchInductor on CPU needs a C++ compiler (g++ or clang++, or set CXX)" if device == "cpu"
-           and not compiler else "TorchInductor on CUDA needs Triton (pip install triton)" if device == "cuda"
-           and importlib.util.find_spec("triton") is None else None)
+    if compile:
+        from torch._dynamo import is_dynamo_supported  # heavy (seconds): imported only when compile is asked for
+
+        compiler = os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+        why = ("torch.compile (Dynamo) is not supported by this Python/torch build" if not is_dynamo_supported()
+               else "TorchInductor on CPU needs a C++ compiler (g++ or clang++, or set CXX)" if device == "cpu"
+               and not compiler else "TorchInductor on CUDA needs Triton (pip install triton)" if device == "cuda"
+               and importlib.util.find_spec("triton") is None else None)
     if compile and why:
         found["trainer.compile"] = f"trainer.compile=true with {where}: {why}; use trainer.compile=false"
     if strategy == "ddp" and device == "mps":
