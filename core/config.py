@@ -2,8 +2,9 @@
 one `compose(overrides)` every tool uses.
 
 pydantic because it gives types, ranges, unions of primitives (`"auto" | bool`) and every error at once; OmegaConf
-structured configs have no ranges and no Union of primitives. The models' defaults are the groups' defaults: they
-are registered in Hydra's ConfigStore (`trainer: default`). Durations are parsed here, once (Horizon uses it too).
+structured configs have no ranges and no Union of primitives. TrainerConfig's defaults are the trainer group's
+(registered in Hydra's ConfigStore as `trainer: default`); regularize and data keep their YAML options. Durations
+are parsed here, once (schedules.horizon.Horizon uses it too).
 """
 
 from __future__ import annotations
