@@ -1,6 +1,6 @@
 """Train a recipe: `python train.py [recipe=<name>] [group=option ...] [key=value ...]`.
 
-Compose the config (Hydra) -> validate and build -> fit. Everything else lives in trainer/.
+Compose the config (Hydra) -> check (config/) -> build -> fit. Everything else lives in trainer/.
 In a multirun (`-m`, a sweep) each job goes through experiments.sweep.run_job: a failed job is recorded and the sweep
 goes on, and jobs already finished in the same sweep directory are skipped (the ledger).
 """
@@ -9,6 +9,7 @@ goes on, and jobs already finished in the same sweep directory are skipped (the 
 import signal
 import sys
 import threading
+from functools import partial
 
 
 def _stopped_during_start_up(signum: int, frame: object) -> None:
@@ -25,9 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import trainer.run
+from config import check
+from config.cli import check_command_line
 from experiments.sweep import run_job  # also registers the ${kiln.direction:...} resolver the Optuna preset uses
-from trainer.cli_check import check_command_line
-from trainer.run import main as run_main
+
+run_main = partial(trainer.run.main, check=check)  # compose (Hydra) -> check -> dry run | run
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -33,6 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.config import compose  # noqa: E402
 from optim.param_groups import param_groups  # noqa: E402
 
 D, VOCAB, CONTEXT = 384, 65, 256
@@ -73,8 +73,7 @@ def optimizer_names() -> list[str]:
 
 def compose_optimizer(name: str) -> Any:
     """cfg.optimizer of `python train.py optimizer=NAME regularize.weight_decay=0.1` (a `_partial_` node)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"optimizer={name}", "regularize.weight_decay=0.1"])
+    cfg = compose([f"optimizer={name}", "regularize.weight_decay=0.1"])
     OmegaConf.resolve(cfg)
     return cfg.optimizer
 

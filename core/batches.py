@@ -150,7 +150,17 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
     return batch
 
 
+def split_problem(batch_size: int, grad_accum: int, world: int = 1) -> str | None:
+    """Why the global batch cannot be split into `world` ranks x `grad_accum` equal micro-batches (None: it can)."""
+    if batch_size % (grad_accum * world) == 0:
+        return None
+    ranks = f"{world} DDP ranks x " if world > 1 else ""
+    return (f"trainer.grad_accum={grad_accum}: {ranks}grad_accum must divide task.batch_size={batch_size} (each "
+            "optimizer batch is split into equal micro-batches)")
+
+
 def usable_cores() -> int:
+    """The CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows

@@ -130,7 +130,7 @@ def print_error(message: str) -> None:
 
 
 def print_warning(message: str) -> None:
-    """Something odd that still runs (trainer/validate.py oddities, a key repeated on the command line)."""
+    """Something odd that still runs (config/ oddities, a key repeated on the command line)."""
     _print_prefixed("warning: ", "bold yellow", message)
 
 

@@ -48,7 +48,7 @@ class Task(abc.ABC):
     # Set by the trainer before setup(): how map-style data sets are loaded in this run (data.*). Use
     # `self.loading.ordered(dataset, batch_size)` to iterate an evaluation split in batches on the device.
     loading: Any = None  # a core.batches.DataLoading
-    # What the config validator (trainer/validate.py) checks without loading data. A task states them as class
+    # What the config checker (config/) checks without loading data. A task states them as class
     # attributes; tests/test_validate.py checks them against what the task really returns.
     norms: ClassVar[tuple[str, ...] | None] = None  # the conf/norm kinds its model can use; None: every kind
     eval_metrics: ClassVar[Mapping[str, str]] = {}  # evaluate()'s keys -> min | max (which way is better); {}: unknown
@@ -63,6 +63,20 @@ class Task(abc.ABC):
         """(eval metrics, test metrics) for this task config (its `task.*` keys): the class attributes, unless what
         the task reports depends on its settings (the VAE reports test_loss at evaluations without a val split)."""
         return cls.eval_metrics, cls.test_metrics
+
+    # --- what the config checker (config/) asks of a task config (its resolved `task.*` keys), without data -----
+    @classmethod
+    def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
+        """The training-set size this task config (as for check) trains on, when known without data; else None."""
+        return None
+
+    @classmethod
+    def check(cls, task: Mapping[str, Any]) -> list[str]:
+        """This task config's own rule violations, one line each: `task.key=value: what is allowed`. `task`: the
+        resolved `task.*` keys over the constructor's defaults."""
+        batch = task.get("batch_size")
+        ok = isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1
+        return [] if ok or "batch_size" not in task else [f"task.batch_size={batch!r}: must be an int >= 1"]
 
     @abc.abstractmethod
     def setup(self, device: torch.device) -> None:

@@ -53,9 +53,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from core.config import ExpectConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -116,13 +119,12 @@ def recipe_names() -> list[str]:
 def declared(name: str, overrides: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
     """The recipe's `expect` block, as `python train.py recipe=<name> <overrides>` composes it, and what the
     config validator (the one train.py runs) finds wrong with it."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from trainer.validate import problems
+    from config import problems
+    from core.config import compose
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"recipe={name}", *overrides])
+    cfg = compose([f"recipe={name}", *overrides])
     expect = cfg.get("expect")
     if expect is None:
         return None, []
@@ -131,17 +133,16 @@ def declared(name: str, overrides: list[str]) -> tuple[dict[str, Any] | None, li
 
 
 def expectation(expect: dict[str, Any], version: str) -> Expectation:
-    """The full version's or the short version's expectation from an `expect` block (validated by the schema)."""
-    base = dict(metric=expect["metric"], mode=expect.get("mode", "min"), device=expect.get("device", "any"),
-                measured_on=expect.get("measured_on"))
+    """The full version's or the short version's expectation from an `expect` block (its defaults: the model's)."""
+    e = ExpectConfig.model_validate(OmegaConf.to_container(expect) if isinstance(expect, DictConfig) else expect)
+    base = dict(metric=e.metric, mode=e.mode, device=e.device, measured_on=e.measured_on)
     if version == "full":
-        return Expectation(**base, target=expect["target"], tolerance=expect.get("tolerance", 0.0),
-                           measured=expect.get("measured"), wall_time_s=expect.get("wall_time_s"))
-    short = expect["short"]
+        return Expectation(**base, target=e.target, tolerance=e.tolerance, measured=e.measured,
+                           wall_time_s=e.wall_time_s)
+    short = e.short
     # The short version runs wherever the checker runs: it is a quick proof that the recipe still learns.
-    return Expectation(**{**base, "device": "any"}, target=short["target"], tolerance=short.get("tolerance", 0.0),
-                       overrides=tuple(short.get("overrides", ())), measured=short.get("measured"),
-                       wall_time_s=short.get("wall_time_s"))
+    return Expectation(**{**base, "device": "any"}, target=short.target, tolerance=short.tolerance,
+                       overrides=tuple(short.overrides), measured=short.measured, wall_time_s=short.wall_time_s)
 
 
 def this_machine() -> str:
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [i for i in args.items if "=" not in i] or recipe_names()
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").is_file()]
     if unknown:
-        from core.log import print_error  # loads torch (tensorboard): only on the error paths
-        from trainer.validate import did_you_mean
+        from config import did_you_mean  # loads torch: only on the error paths
+        from core.log import print_error
 
         print_error("; ".join(f"unknown recipe {n!r}: {did_you_mean(n, recipe_names())}" for n in unknown))
         return 2

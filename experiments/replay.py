@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from config import validate
 from core.errors import UserError
 from core.log import print_error
 from trainer.checkpoint import file_digest
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
 
-    from trainer.validate import validate
 
     run_dir: Path = args.run_dir
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "final_metrics.json").is_file():

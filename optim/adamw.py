@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from optim.adam_core import AdamFamily, Batch, adam_defaults, adam_denominator, adam_moments_, apply_update_
+from optim.core import require
 
 
 class AdamW(AdamFamily):
@@ -56,6 +57,7 @@ def adamw(params: Iterable[Any], lr: float = 1e-3, betas: Sequence[float] = (0.9
     * `fused` is ignored: there is no fused kernel for the cautious rule, and a recipe that asks for torch's fused
       AdamW (recipes/char_transformer_gpu.yaml) can switch a cautious option on without editing it.
     """
+    require(lr > 0, "learning rate", lr, "want > 0")
     if not cautious and not cautious_wd:
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                  amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,

@@ -38,6 +38,11 @@ class Lookahead(torch.optim.Optimizer):
         int_at_least("k", k, 1)
         require(0.0 < alpha <= 1.0, "alpha", alpha, "want 0 < alpha <= 1")
         self.inner = inner if isinstance(inner, torch.optim.Optimizer) else inner(params)
+        if isinstance(self.inner, Lookahead):  # one set of param groups: the outer k, alpha would be ignored
+            raise ValueError("optimizer.inner._target_='optim.lookahead.Lookahead': lookahead inside lookahead is not "
+                             "supported: both wrap the same param groups, so the outer k and alpha are ignored and the "
+                             "step counter moves twice per step; wrap a plain optimizer: "
+                             "optimizer@optimizer.inner=adamw")
         # The base class adds k/alpha/lookahead_step to the inner optimizer's own group dicts.
         super().__init__(self.inner.param_groups, dict(k=k, alpha=alpha, lookahead_step=0))
         self.param_groups = self.inner.param_groups

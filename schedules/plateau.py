@@ -104,3 +104,6 @@ def plateau(horizon: Horizon, monitor: str = "test_loss", mode: str = "min", fac
     """
     return Plateau(monitor, mode, factor, patience, threshold, threshold_mode, cooldown, min_multiplier,
                    warmup_steps(horizon, warmup))
+
+
+plateau.metric_driven = True  # acts on evaluations: the config checker requires some during the run

@@ -13,8 +13,9 @@ Each evaluation also writes a short text sample to TensorBoard: `sample_chars` c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,12 @@ class CharTransformer(Task):
     sampling = "random"
     norms = ("none", "layernorm", "rmsnorm")  # BatchNorm1d wants [N, C, L]; the GPT's activations are [B, T, C]
     eval_metrics = {"val_loss": "min"}
+
+    @classmethod
+    def check(cls, task: Mapping[str, Any]) -> list[str]:
+        heads, width = task["n_head"], task["n_embd"]
+        bad = isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads
+        return super().check(task) + [f"task.n_embd={width}: must be a multiple of task.n_head={heads}"] * bool(bad)
 
     def __init__(self, text_path: str, block_size: int = 64, batch_size: int = 12, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, bias: bool = True, dropout: float = 0.0,

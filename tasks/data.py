@@ -18,7 +18,8 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
                "t10k-labels-idx1-ubyte")
 # What each file holds (LeCun's IDX format: magic 00 00 <type> <ndim>, big-endian sizes, then the values).
 _IMAGE = (28, 28)
-_SETS = {"train": ("training set", 60000), "t10k": ("test set", 10000)}
+MNIST_TRAIN = 60000  # training images (the config checker derives steps per epoch from it)
+_SETS = {"train": ("training set", MNIST_TRAIN), "t10k": ("test set", 10000)}
 _IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 
 

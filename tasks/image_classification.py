@@ -186,6 +186,18 @@ class ImageClassification(Task):
         tests = {"test_loss": "min", "test_acc": "max"} if task.get("test_split") is not None else {}
         return cls.eval_metrics, tests
 
+    @classmethod
+    def check(cls, task: Mapping[str, Any]) -> list[str]:
+        fraction, classes, size = task["val_fraction"], task["num_classes"], task["image_size"]
+        return super().check(task) + [line for ok, line in [
+            (type(fraction) in (int, float) and 0 < fraction < 1, f"task.val_fraction={fraction!r}: must be a number "
+                                                                  "in (0, 1)"),
+            (classes is None or type(classes) is int and classes >= 2, f"task.num_classes={classes!r}: must be null "
+                                                                       "or an int >= 2"),
+            (size is None or type(size) is int and size >= 1, f"task.image_size={size!r}: must be null or an int >= 1"),
+            (task["bad_images"] in ("error", "skip"), f"task.bad_images={task['bad_images']!r}: must be one of error, "
+                                                      "skip")] if not ok]
+
     def __init__(self, dataset: Mapping[str, Any], model: Mapping[str, Any], val_split: Mapping[str, Any] | None = None,
                  val_fraction: float = 0.1, test_split: Mapping[str, Any] | None = None, num_classes: int | None = None,
                  image_size: int | None = None, train_transform: Sequence[Any] = (), eval_transform: Sequence[Any] = (),

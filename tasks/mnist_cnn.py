@@ -11,14 +11,15 @@ and early stopping; the test set is scored once, at the end (`final_metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.task import Task
-from tasks.data import load_mnist
+from tasks.data import MNIST_TRAIN, load_mnist
 from tasks.norm import norm_layer
 
 NormFactory = Callable[..., nn.Module]
@@ -49,6 +50,18 @@ class MnistCNN(Task):
     check_evaluate_first = False  # tested against eval_metrics instead (tests/test_validate.py)
     eval_metrics = {"val_loss": "min", "val_acc": "max"}
     test_metrics = {"test_loss": "min", "test_acc": "max"}
+
+    @classmethod
+    def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
+        val = task["val_size"]
+        return MNIST_TRAIN - val if isinstance(val, int) and 0 <= val < MNIST_TRAIN else None
+
+    @classmethod
+    def check(cls, task: Mapping[str, Any]) -> list[str]:
+        val = task["val_size"]
+        bad = not isinstance(val, int) or isinstance(val, bool) or not 1 <= val < MNIST_TRAIN
+        why = f"task.val_size={val!r}: must be an int in [1, {MNIST_TRAIN - 1}] (the CNN evaluates on that split)"
+        return super().check(task) + [why] * bad
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, norm: NormFactory | None = None,

@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core import figures
 from core.task import Task
-from tasks.data import holdout_split, load_mnist
+from tasks.data import MNIST_TRAIN, holdout_split, load_mnist
 from tasks.norm import norm_layer
 
 NormFactory = Callable[[int], nn.Module]
@@ -81,6 +81,18 @@ class MnistVAE(Task):
         if task.get("val_size", 5000) == 0:  # pytorch/examples' setup: evaluations score the test set
             return {"test_loss": "min"}, {}
         return cls.eval_metrics, cls.test_metrics
+
+    @classmethod
+    def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
+        val = task["val_size"]
+        return MNIST_TRAIN - val if isinstance(val, int) and 0 <= val < MNIST_TRAIN else None
+
+    @classmethod
+    def check(cls, task: Mapping[str, Any]) -> list[str]:
+        val = task["val_size"]
+        bad = not isinstance(val, int) or isinstance(val, bool) or not 0 <= val < MNIST_TRAIN
+        why = f"task.val_size={val!r}: must be an int in [0, {MNIST_TRAIN - 1}] (0: no validation split)"
+        return super().check(task) + [why] * bad
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, hidden: int = 400, latent: int = 20,

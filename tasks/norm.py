@@ -57,6 +57,8 @@ class AnyLayout(nn.Module):
 def norm_layer(num_features: int, kind: str = "none", eps: float = 1e-5, spatial: bool | str = False) -> nn.Module:
     if kind == "none":
         return nn.Identity()
+    if not eps > 0:
+        raise ValueError(f"norm.eps={eps}: must be a number > 0")
     if spatial == "auto":
         if kind == "batchnorm":
             return AnyLayout(_BatchNorm(num_features, eps=eps), num_features, channels_first_native=True)

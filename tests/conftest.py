@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from core.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +36,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def compose_cfg(*overrides: str) -> DictConfig:
     """The config `python train.py <overrides>` would run (without the hydra node)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    OmegaConf.set_struct(cfg, False)
-    return cfg
+    return compose(overrides, struct=False)
 
 
 # What the data root (KILN_DATA_ROOT, the folder CI points at ../shared/data) must hold for the tests that use data.

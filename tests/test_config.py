@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import config.cli
 from core.errors import ConfigError
-from tests.conftest import ROOT, compose_cfg, run_cli
+from tests.conftest import compose_cfg, run_cli
 from trainer.build import build
 from trainer.loop import Trainer
 
@@ -18,7 +19,7 @@ GROUPS = ["optimizer", "schedule", "norm", "clip", "amp", "early_stop", "task", 
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return config.cli.options(group)  # conf/<group>/*.yaml and the ConfigStore's (trainer: default)
 
 
 def test_every_group_has_its_issue_options():

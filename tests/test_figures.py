@@ -1,7 +1,7 @@
 """Every figure kiln writes keeps its titles, labels, tick labels and legends inside the image, at a readable size.
 
 Each figure is rendered from tiny inputs (no training): the run pictures (files and TensorBoard), the LR plot of
-`python -m schedules.plot` and compare's report figures. Every text the renderer draws is measured by that
+`python -m experiments.schedule_plot` and compare's report figures. Every text the renderer draws is measured by that
 renderer, in the pixels of the image it writes, so a text cut off at the edge of the PNG fails here.
 """
 
@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from core import figures
+from experiments import schedule_plot
 from experiments.compare import figures as compare_figures
-from schedules import plot as schedule_plot
 from tasks.image_classification import ImageClassification
 from tasks.mnist_vae import MnistVAE
 from tests.conftest import ROOT

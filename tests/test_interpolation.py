@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.sweep  # noqa: F401  registers ${kiln.direction:...}, as train.py does
+from config import problems
 from tests.conftest import ROOT, compose_cfg, run_cli
-from trainer.validate import problems
 
 UNSET = "KILN_TEST_UNSET_VARIABLE"
 ENV_FIX = f"the environment variable {UNSET} is not set; set it (export {UNSET}=...) or give a default: " \
@@ -98,7 +98,7 @@ def test_the_issues_command_exits_2_without_a_traceback(tmp_path):
 
 
 def test_a_sweep_checks_every_job_before_the_first_runs(tmp_path):
-    from trainer.cli_check import sweep_unresolvable
+    from config.cli import sweep_unresolvable
 
     searchpath = _own_conf(tmp_path / "conf", "optimizer", "_target_: torch.optim.SGD\n_partial_: true\n"
                                                            f"lr: ${{oc.env:{UNSET}}}\n")

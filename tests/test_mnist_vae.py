@@ -159,9 +159,9 @@ def test_every_task_monitors_a_validation_metric():
     (("task=mnist_cnn", "task.val_size=0"), "task.val_size=0: the CNN evaluates on its validation split"),
 ])
 def test_no_validation_split_with_a_validation_monitor_is_a_config_error(overrides, message):
+    from config import validate
     from core.errors import ConfigError
     from tests.conftest import compose_cfg
-    from trainer.validate import validate
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(compose_cfg(*overrides))

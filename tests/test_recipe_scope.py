@@ -12,9 +12,9 @@ import json
 
 from omegaconf import OmegaConf
 
+from config import validate
+from config.cli import unknown_keys
 from tests.conftest import ROOT, compose_cfg, run_cli
-from trainer.cli_check import unknown_keys
-from trainer.validate import validate
 
 
 def own_yaml(group: str, option: str) -> dict:

@@ -1,4 +1,4 @@
-"""Config validation (trainer/validate.py): bad command lines get one clear line each, all at once, exit code 2.
+"""Config validation (config/): bad command lines get one clear line each, all at once, exit code 2.
 
 The table runs in-process (compose + validate); a few cases run the real CLI to prove exit code, stderr and the
 absence of a traceback. Hydra itself rejects some command lines before our validator sees them (a key that is
@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
+from config import problems, validate
+from config.cli import options
 from core.errors import ConfigError
 from tests.conftest import ROOT, run_cli
-from trainer.validate import problems, validate
 
 GROUPS = ["task", "optimizer", "schedule", "norm", "regularize", "clip", "amp", "early_stop", "trainer"]
 
@@ -41,26 +42,33 @@ def make() -> Iterator[Callable[..., DictConfig]]:
 # (command line, the line the validator must print). Exact fragments: key=value and what is allowed.
 BAD = [
     # optimizer
-    ("optimizer.lr=-1", "optimizer.lr=-1: must be a number > 0"),
-    ("optimizer.lr=0", "optimizer.lr=0: must be a number > 0"),
-    ("optimizer.lr=abc", "optimizer.lr='abc': must be a number > 0"),
-    ("optimizer.lr=nan", "optimizer.lr=nan: must be a number > 0"),
+    ("optimizer.lr=-1", "optimizer.lr=-1: Invalid learning rate: -1 (want > 0); the default is optimizer.lr=0.001"),
+    ("optimizer.lr=0", "optimizer.lr=0: Invalid learning rate: 0 (want > 0); the default is optimizer.lr=0.001"),
+    ("optimizer.lr=abc", "optimizer.lr='abc': must be a number (the type of `lr` in optim.adamw.adamw)"),
+    ("optimizer.lr=nan", "optimizer.lr=nan: Invalid learning rate: nan"),
     ("+optimizer.lrr=0.1", "optimizer.lrr=0.1: unknown key for optim.adamw.adamw; did you mean 'lr'?"),
     ("optimizer=adam +optimizer.lrr=0.1", "optimizer.lrr=0.1: unknown key for torch.optim.Adam; did you mean 'lr'?"),
     ("optimizer=sgd +optimizer.nesterof=true", "optimizer.nesterof=true: unknown key for torch.optim.SGD; "
                                                "did you mean 'nesterov'?"),
-    ("optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0]: must be a list of two values, each a number in [0, 1)"),
-    ("optimizer.betas=[-0.1,0.999]", "optimizer.betas=[-0.1, 0.999]: must be a list of two values"),
-    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: must be a list of two values"),
-    ("optimizer.eps=-1e-8", "optimizer.eps=-1e-08: must be a number >= 0"),
-    ("optimizer.foreach=yes", "optimizer.foreach='yes': must be true or false or null"),
-    ("optimizer=momentum optimizer.momentum=1.0", "optimizer.momentum=1.0: must be a number in [0, 1)"),
-    ("optimizer=momentum optimizer.dampening=2", "optimizer.dampening=2: must be a number in [0, 1]"),
-    ("optimizer=lookahead optimizer.k=0", "optimizer.k=0: must be an int >= 1"),
-    ("optimizer=lookahead optimizer.inner.lr=-1", "optimizer.inner.lr=-1: must be a number > 0"),
+    ("optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0]: Invalid beta parameter at index 1: 1.0; "
+     "the default is optimizer.betas=[0.9, 0.999]"),
+    ("optimizer.betas=[-0.1,0.999]", "optimizer.betas=[-0.1, 0.999]: Invalid beta parameter at index 0"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: tuple index out of range; "
+     "the default is optimizer.betas=[0.9, 0.999]"),
+    ("optimizer.eps=-1e-8", "optimizer.eps=-1e-08: Invalid epsilon value: -1e-08; the default is optimizer.eps=1e-08"),
+    ("optimizer.foreach=yes", "optimizer.foreach='yes': must be null or true or false (the type of `foreach`"),
+    ("optimizer=momentum optimizer.momentum=-0.1", "optimizer.momentum=-0.1: Invalid momentum value: -0.1; "
+     "the default is optimizer.momentum=0"),
+    ("optimizer=momentum optimizer.lr=-2", "optimizer.lr=-2: Invalid learning rate: -2; "
+     "the default is optimizer.lr=0.001"),
+    ("optimizer=lookahead optimizer.k=0", "optimizer.k=0: Invalid k: 0 (want an int >= 1); "
+     "the default is optimizer.k=5"),
+    ("optimizer=lookahead optimizer.inner.lr=-1", "optimizer.inner.lr=-1: Invalid learning rate: -1 (want > 0); "
+     "the default is optimizer.inner.lr=0.001"),
     ("optimizer=lookahead +optimizer.inner.lrr=1", "optimizer.inner.lrr=1: unknown key for optim.adamw.adamw; "
                                                    "did you mean 'lr'?"),
-    ("optimizer=muon optimizer.ns_steps=0", "optimizer.ns_steps=0: must be an int >= 1"),
+    ("optimizer=muon optimizer.ns_steps=0", "optimizer.ns_steps=0: Invalid ns_steps: 0 (want an int in [1, 100)); "
+     "the default is optimizer.ns_steps=5"),
     ("optimizer=adalo optimizer.mode=bogus", "optimizer.mode='bogus': Invalid mode"),
     ("optimizer._target_=torch.optim.Adamx", "optimizer._target_='torch.optim.Adamx': cannot be imported "
                                              "(module 'torch.optim' has no 'Adamx'); did you mean 'Adamax'?"),
@@ -73,25 +81,31 @@ BAD = [
     ("regularize.loss_reduction=median", "regularize.loss_reduction='median': must be one of mean, soft_median"),
     ("+regularize.dropuot=0.1", "regularize.dropuot=0.1: unknown key in regularize; did you mean 'dropout'?"),
     ("task=mnist_cnn regularize=augment_digits regularize.augment.erase_p=2",
-     "regularize.augment.erase_p=2: must be a number in [0, 1]"),
+     "regularize.augment.erase_p=2: augment: crop_padding=2 must be >= 0 and erase_p=2 in [0, 1]; "
+      "the default is regularize.augment.erase_p=0.0"),
     # early stopping, monitor
-    ("early_stop=on early_stop.patience=-1", "early_stop.patience=-1: must be an int >= 0"),
-    ("early_stop=on early_stop.mode=up", "early_stop.mode='up': must be one of min, max"),
+    ("early_stop=on early_stop.patience=-1", "early_stop.patience=-1: must be an int >= 0; "
+     "the default is early_stop.patience=3"),
+    ("early_stop=on early_stop.mode=up", "early_stop.mode='up': must be one of min, max; "
+     "the default is early_stop.mode='min'"),
     ("early_stop=on trainer.eval_interval=0", "trainer.eval_interval=0: early stopping needs evaluations"),
     ("early_stop=on +early_stop.patiense=2", "early_stop.patiense=2: unknown key for trainer.early_stop."
                                              "EarlyStopping; did you mean 'patience'?"),
     ("monitor.mode=maximum", "monitor.mode='maximum': must be one of min, max"),
     # schedule
-    ("schedule.warmup=5000 trainer.max_steps=100", "schedule.warmup=5000 is 5000 steps, longer than the run "
+    ("schedule.warmup=5000 trainer.max_steps=100", "schedule.warmup=5000: is 5000 steps, longer than the run "
                                                    "(100 steps)"),
-    ("schedule.warmup=20ep", "schedule.warmup='20ep' is 8580 steps, longer than the run (4290 steps)"),
+    ("schedule.warmup=20ep", "schedule.warmup='20ep': is 8580 steps, longer than the run (4290 steps)"),
     ("task=mnist_cnn schedule.warmup=11ep", "longer than the run (4290 steps)"),  # (60000 - 5000) // 128 * 10
     ("schedule.warmup=1.5", "schedule.warmup=1.5: must be a duration"),
     ("schedule.warmup=-3", "schedule.warmup=-3: must be a duration"),
-    ("schedule.floor=2", "schedule.floor=2: must be a number in [0, 1]"),
-    ("schedule=wsd schedule.shape=square", "schedule.shape='square': must be one of linear, cosine, 1-sqrt"),
+    ("schedule.floor=2", "schedule.floor=2: must be in [0.0, 1.0] (the final LR as a fraction of the peak LR); "
+     "the default is schedule.floor=0.0"),
+    ("schedule=wsd schedule.shape=square", "schedule.shape='square': use one of ['1-sqrt', 'cosine', 'linear']; "
+     "the default is schedule.shape='1-sqrt'"),
     ("schedule=wsd schedule.warmup=0.5 schedule.cooldown=0.6", "are longer than the run (4290 steps)"),
-    ("schedule=plateau schedule.patience=-2", "schedule.patience=-2: must be an int >= 0"),
+    ("schedule=plateau schedule.patience=-2", "schedule.patience=-2: must be a whole number of evaluations >= 0; "
+     "the default is schedule.patience=2"),
     ("schedule=plateau trainer.eval_interval=0", "trainer.eval_interval=0: schedule=plateau needs evaluations"),
     ("+schedule.warmpu=0.1", "schedule.warmpu=0.1: unknown key for schedules.cosine_warmup; did you mean 'warmup'?"),
     # trainer
@@ -99,10 +113,11 @@ BAD = [
     ("trainer.max_steps=1.5", "trainer.max_steps=1.5: must be null or an int >= 1"),
     ("trainer.max_epochs=null", "set one of them"),
     ("trainer.grad_accum=0", "trainer.grad_accum=0: must be an int >= 1"),
-    ("trainer.grad_accum=3", "trainer.grad_accum=3: must divide task.batch_size=128"),
+    ("trainer.grad_accum=3", "trainer.grad_accum=3: grad_accum must divide task.batch_size=128"),
     ("trainer.device=gpu", "trainer.device='gpu': must be auto, cpu, cuda, cuda:N or mps"),
     ("trainer.device=cuda:7", "trainer.device='cuda:7': "),
-    ("amp=fp16 trainer.device=cpu", "amp=fp16 with trainer.device=cpu: fp16 autocast + GradScaler need a GPU"),
+    ("amp=fp16 trainer.device=cpu", "amp.dtype='float16': amp=fp16 needs a GPU (fp16 autocast + GradScaler); on "
+                                    "CPU use amp=bf16 or amp=off; the default is amp.dtype='float32'"),
     ("trainer.nonfinite=ignore", "trainer.nonfinite='ignore': must be one of raise, skip"),
     ("trainer.strategy=fsdp", "trainer.strategy='fsdp': must be one of single, ddp"),
     ("trainer.progress=fancy", "trainer.progress='fancy': must be one of auto, rich, plain, off"),
@@ -115,18 +130,21 @@ BAD = [
     # task, norm, clip, amp, data, top level
     ("task.batch_size=0", "task.batch_size=0: must be an int >= 1"),
     ("task.batch_size=100000", "task.batch_size=100000: must be <= the training set (55000 samples)"),
-    ("task=mnist_cnn task.val_size=60000", "task.val_size=60000: must be an int in [0, 59999]"),
+    ("task=mnist_cnn task.val_size=60000", "task.val_size=60000: must be an int in [1, 59999]"),
     ("task=char_transformer task.n_embd=130", "task.n_embd=130: must be a multiple of task.n_head=4"),
     ("task=char_transformer +task.n_layers=2", "task.n_layers=2: unknown key for tasks.char_transformer."
                                                "CharTransformer; did you mean 'n_layer'?"),
-    ("norm=layernorm norm.kind=groupnorm", "norm.kind='groupnorm': must be one of none, batchnorm, layernorm, rmsnorm"),
-    ("norm=layernorm norm.eps=0", "norm.eps=0: must be a number > 0"),
-    ("clip=norm clip.norm.max_norm=0", "clip.norm.max_norm=0: must be a number > 0"),
+    ("norm=layernorm norm.kind=groupnorm", "norm.kind='groupnorm': norm kind 'groupnorm': use one of none, "
+                                           "batchnorm, layernorm, rmsnorm; the default is norm.kind='none'"),
+    ("norm=layernorm norm.eps=0", "norm.eps=0: must be a number > 0; the default is norm.eps=1e-05"),
+    ("clip=norm clip.norm.max_norm=0", "clip.norm.max_norm=0: must be > 0; the default is clip.norm.max_norm=1.0"),
     ("clip=value +clip.value.vlaue=3", "clip.value.vlaue=3: unknown key for optim.transforms.ClipValue; "
                                       "did you mean 'value'?"),
-    ("clip=adaptive clip.adaptive.warmup=500", "clip.adaptive.warmup=500 must be an integer in [1, window=100]"),
-    ("amp.dtype=float8", "amp.dtype='float8': must be one of float32, bfloat16, float16"),
-    ("data.download=maybe", "data.download='maybe': must be auto, true or false"),
+    ("clip=adaptive clip.adaptive.warmup=500", "clip.adaptive.warmup=500: must be an integer in [1, window=100]; "
+     "the default is clip.adaptive.warmup=10"),
+    ("amp.dtype=float8", "amp.dtype='float8': must be one of float32, bfloat16, float16; "
+     "the default is amp.dtype='float32'"),
+    ("data.download=maybe", "data.download='maybe': must be auto or true or false"),
     ("+foo=1", "foo=1: unknown top-level key"),
 ]
 
@@ -171,7 +189,7 @@ def test_hydra_rejects_before_validation(make, line, expected):
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return options(group)  # conf/<group>/*.yaml and the ConfigStore's (trainer: default)
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -216,7 +234,7 @@ def _num(x: float) -> str:
 
 
 BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
-    "optimizer.lr": st.one_of(st.floats(max_value=0, allow_nan=False, allow_infinity=False).map(_num), _word),
+    "optimizer.lr": st.one_of(st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False).map(_num), _word),
     "optimizer.betas": st.tuples(st.floats(0, 0.99), st.floats(1.0, 50) | st.floats(-50, -0.01)).map(
         lambda b: f"[{b[0]!r},{b[1]!r}]"),
     "optimizer.eps": st.floats(max_value=-1e-12, min_value=-1e3).map(_num),
@@ -278,7 +296,7 @@ def test_cli_reports_every_problem_with_exit_code_2(tmp_path: Path):
     out = run_cli("optimizer.lr=-1", "+optimizer.lrr=3", "regularize.dropout=2", "trainer.max_steps=0",
                   f"hydra.run.dir={tmp_path}", "data.root=/nonexistent")  # never reaches the data
     assert out.returncode == 2, out.stderr
-    for line in ["optimizer.lr=-1: must be a number > 0", "did you mean 'lr'?", "regularize.dropout=2",
+    for line in ["optimizer.lr=-1: Invalid learning rate", "did you mean 'lr'?", "regularize.dropout=2",
                  "trainer.max_steps=0"]:
         assert line in out.stderr
     assert "4 problems" in out.stderr and "Traceback" not in out.stderr
@@ -287,11 +305,11 @@ def test_cli_reports_every_problem_with_exit_code_2(tmp_path: Path):
 def test_cli_shows_the_traceback_only_when_asked(tmp_path: Path):
     out = run_cli("trainer.grad_accum=3", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
-    assert "trainer.grad_accum=3: must divide task.batch_size=128" in out.stderr
+    assert "trainer.grad_accum=3: grad_accum must divide task.batch_size=128" in out.stderr
 
 
 def test_cli_unknown_key_is_ours_not_hydras(tmp_path: Path):
-    """trainer/cli_check.py reports keys missing from the config before Hydra's struct error (exit 2, not 1)."""
+    """config/cli.py reports keys missing from the config before Hydra's struct error (exit 2, not 1)."""
     out = run_cli("trainer.devise=cpu", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2 and "did you mean 'trainer.device'?" in out.stderr
     assert "+trainer.devise=" in out.stderr and "Traceback" not in out.stderr
@@ -345,7 +363,8 @@ HOSTILE = [
     ("trainer.max_steps=inf", ["trainer.max_steps=inf: must be null or an int >= 1"]),
     ("regularize.weight_decay='inf'", ["regularize.weight_decay='inf': must be a number >= 0"]),
     ("early_stop=on early_stop.min_delta=-inf", ["early_stop.min_delta=-inf: must be a number >= 0"]),
-    ("optimizer.betas=[nan,0.999]", ["optimizer.betas=[nan, 0.999]: must be a list of two values"]),
+    ("optimizer.betas=[nan,0.999]", ["optimizer.betas=[nan, 0.999]: Invalid beta parameter at index 0: nan; "
+     "the default is optimizer.betas=[0.9, 0.999]"]),
     ("trainer.checkpoint_interval=-2", ["trainer.checkpoint_interval=-2: must be a duration"]),
     ("trainer.histogram_interval=-1ep", ["trainer.histogram_interval='-1ep': must be a duration"]),
     ("trainer.keep_checkpoints=-1", ["trainer.keep_checkpoints=-1: must be an int >= 0"]),
@@ -392,10 +411,10 @@ ODD = [
 
 @pytest.mark.parametrize(("line", "expected"), ODD, ids=[line for line, _ in ODD])
 def test_silent_oddity_is_a_warning(make, line, expected, capsys, monkeypatch):
-    import trainer.validate
-    from trainer.validate import oddities
+    import config
+    from config import oddities
 
-    monkeypatch.setattr(trainer.validate, "_WARNED", set())  # what earlier tests printed does not count
+    monkeypatch.setattr(config, "_WARNED", set())  # what earlier tests printed does not count
     cfg = make(*line.split())
     assert problems(cfg) == []
     lines = oddities(cfg)
@@ -409,7 +428,7 @@ def test_silent_oddity_is_a_warning(make, line, expected, capsys, monkeypatch):
 @pytest.mark.parametrize("line", ["", "task=mnist_cnn early_stop=on", "task=char_transformer schedule=plateau",
                                   "recipe=mnist_cnn", "recipe=char_transformer_cpu", "trainer.eval_interval=0"])
 def test_ordinary_configs_have_no_oddities(make, line):
-    from trainer.validate import oddities
+    from config import oddities
 
     assert oddities(make(*line.split())) == []
 
@@ -418,13 +437,17 @@ def test_the_seed_limit_is_what_every_generator_accepts():
     """trainer.seed's upper bound works in every RNG the trainer seeds (at a far step); past 2**64 / 1000003 the
     samplers' generators overflow, which is why the bound is not simply 2**64 - 1."""
     import torch
+    from pydantic import ValidationError
 
+    from core.config import SEED_MAX, TrainerConfig
     from core.sampler import EpochSampler, RandomSampler
     from trainer.rng import seed_everything
-    from trainer.schema import SEED_MAX, matching_rule
 
-    spec = matching_rule("trainer.seed")
-    assert spec(SEED_MAX) and not spec(SEED_MAX + 1) and spec(0) and not spec(-1)
+    for seed in (0, SEED_MAX):
+        TrainerConfig(seed=seed)
+    for seed in (-1, SEED_MAX + 1):
+        with pytest.raises(ValidationError):
+            TrainerConfig(seed=seed)
     for seed in (SEED_MAX, SEED_MAX + 1):  # + 1: the eval stream's seed (and DDP's seed + rank)
         seed_everything(seed)
     for sampler in (EpochSampler(100, 10, SEED_MAX, torch.device("cpu")),
@@ -595,7 +618,7 @@ CLI_BAD = [  # (arguments, fragments of the error); exit code 2
 
 @pytest.mark.parametrize(("line", "expected"), CLI_BAD, ids=[line for line, _ in CLI_BAD])
 def test_bad_command_line_is_stopped_before_hydra(before_hydra, paths, line, expected, capsys):
-    from trainer.cli_check import check_command_line
+    from config.cli import check_command_line
 
     if "/proc/" in line and not Path("/proc/self").is_dir():
         pytest.skip("needs a read-only /proc (Linux)")
@@ -616,7 +639,7 @@ CLI_ODD = [  # (arguments, the warning); the run goes on
 
 @pytest.mark.parametrize(("line", "expected"), CLI_ODD, ids=[line for line, _ in CLI_ODD])
 def test_repeated_key_on_the_command_line_is_a_warning(before_hydra, line, expected, capsys):
-    from trainer.cli_check import check_command_line
+    from config.cli import check_command_line
 
     check_command_line(line.split())  # no SystemExit
     err = " ".join(capsys.readouterr().err.split())
@@ -657,3 +680,60 @@ def test_cli_duplicate_option_and_a_run_dir_that_cannot_be_made_exit_2(paths):
     message = " ".join(out.stderr.split())
     assert "Traceback" not in out.stderr and "2 problems" in message
     assert "lists norm twice" in message and f"hydra.run.dir='{paths['file']}/run': cannot be created" in message
+
+
+# --- one parser for durations; a task's own rules -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("value", "parsed"), [(0, (0, "steps")), (500, (500, "steps")), ("500", (500, "steps")),
+                                               (0.05, (0.05, "fraction")), ("5%", (0.05, "fraction")),
+                                               ("2ep", (2.0, "epochs")), (" 0.5 ", (0.5, "fraction"))])
+def test_a_duration_is_parsed_once_for_the_schema_and_the_horizon(value, parsed):
+    from core.config import TrainerConfig, parse_duration
+    from schedules.horizon import Horizon
+
+    assert parse_duration(value) == parsed
+    assert TrainerConfig(eval_interval=value).eval_interval == value  # the schema keeps what was written
+    steps = {"steps": parsed[0], "fraction": round(parsed[0] * 1000), "epochs": round(parsed[0] * 10)}[parsed[1]]
+    assert Horizon(total_steps=1000, steps_per_epoch=10).steps(value) == steps
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "1e999ep", "nan%", "150%", "abc", True, None])
+def test_what_is_not_a_duration_is_refused_by_both(value):
+    from pydantic import ValidationError
+
+    from core.config import TrainerConfig
+    from schedules.horizon import Horizon
+
+    with pytest.raises(ValidationError):
+        TrainerConfig(eval_interval=value)
+    if value is not None:  # Horizon reads None as zero steps (an absent duration)
+        with pytest.raises(ValueError, match="must be a duration"):
+            Horizon(total_steps=1000, steps_per_epoch=10).steps(value)
+
+
+def test_a_users_task_states_its_own_rules(make):
+    """Task.check and Task.train_size_of: the checker names no task, so a user's task gets the same checks."""
+    from tests.toy import LineTask
+
+    class Picky(LineTask):
+        @classmethod
+        def check(cls, task):
+            return super().check(task) + ([f"task.batch_size={task['batch_size']}: must be even"]
+                                          if task["batch_size"] % 2 else [])
+
+        @classmethod
+        def train_size_of(cls, task):
+            return 64
+
+    import tests.toy
+
+    tests.toy.Picky = Picky
+    try:
+        cfg = make("task=mnist_vae")
+        cfg.task = {"_target_": "tests.toy.Picky", "batch_size": 65}
+        assert "task.batch_size=65: must be even" in problems(cfg)
+        assert "task.batch_size=65: must be <= the training set (64 samples)" not in problems(cfg)  # first wins
+        cfg.task.batch_size = 128
+        assert "task.batch_size=128: must be <= the training set (64 samples)" in problems(cfg)
+    finally:
+        del tests.toy.Picky

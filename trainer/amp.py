@@ -16,7 +16,7 @@ class Precision:
 
     def __init__(self, dtype: str = "float32") -> None:
         if dtype not in _DTYPES:
-            raise ConfigError(f"amp.dtype={dtype!r}: use one of {sorted(_DTYPES)}")
+            raise ConfigError(f"amp.dtype={dtype!r}: must be one of {', '.join(_DTYPES)}")
         self.dtype = _DTYPES[dtype]
         self.name = dtype
 
@@ -25,8 +25,7 @@ class Precision:
         if self.dtype == torch.float32:
             return contextlib.nullcontext(), None
         if self.dtype == torch.float16 and device.type == "cpu":
-            raise ConfigError("amp=fp16 needs a GPU (GradScaler + fp16 autocast on CPU is not supported). "
-                              "Use amp=bf16 on CPU, or amp=off.")
+            raise ConfigError("amp=fp16 needs a GPU (fp16 autocast + GradScaler); on CPU use amp=bf16 or amp=off")
         autocast = torch.autocast(device_type=device.type, dtype=self.dtype)
         scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
         return autocast, scaler

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from core import protocol
-from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device
+from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device, split_problem
 from core.errors import ConfigError
 from core.log import print_warning
 from core.sampler import SAMPLERS, EpochSampler, RandomSampler
@@ -89,9 +89,8 @@ def build(cfg: DictConfig) -> Parts:
     clips = [_build(node, f"clip.{name}") for name, node in (cfg.clip or {}).items()]
     transforms = Chain(([l2] if l2 else []) + clips)
     early_stop = _build(cfg.early_stop, "early_stop") if cfg.early_stop else None
-    if task.batch_size % (dist.world * t.grad_accum):
-        raise ConfigError(f"task.batch_size={task.batch_size} must divide into {dist.world} ranks x "
-                          f"trainer.grad_accum={t.grad_accum} equal micro-batches")
+    if split := split_problem(task.batch_size, t.grad_accum, dist.world):
+        raise ConfigError(split)
     warning = protocol.batchnorm_warning(model, task.batch_size, t.grad_accum, dist.world)
     if warning and dist.is_main:
         print_warning(warning)

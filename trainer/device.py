@@ -1,8 +1,11 @@
-"""Device choice: `trainer.device=auto` picks cuda > mps > cpu. CPU threads: `set_threads`."""
+"""Device choice: `trainer.device=auto` picks cuda > mps > cpu; what this machine cannot run. CPU threads."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import shutil
 from collections.abc import Iterator
 
 import torch
@@ -20,13 +23,39 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"trainer.device={name!r} is not a device ({e}). "
-                          "Use auto, cpu, cuda, cuda:N or mps.") from None
+        raise ConfigError(f"trainer.device={name!r}: not a device ({e}); use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available here. Use trainer.device=auto or cpu.")
+        raise ConfigError(f"trainer.device={name!r}: CUDA is not available here; use trainer.device=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"trainer.device={name!r}: this machine has {n} CUDA device(s); use cuda:0..cuda:{n - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"trainer.device={name!r} but MPS is not available here. Use trainer.device=auto or cpu.")
+        raise ConfigError(f"trainer.device={name!r}: MPS is not available here; use trainer.device=auto or cpu")
     return device
+
+
+def machine_problems(name: str, compile: bool, strategy: str) -> dict[str, str]:
+    """config key -> why this machine cannot run the setting: the device, torch.compile (only setups known to
+    fail at the first forward), DDP's backend."""
+    try:
+        device = resolve_device(name).type
+    except ConfigError as e:
+        return {"trainer.device": str(e)}
+    where, found = f"trainer.device={name}" + (f" (resolves to {device} here)" if name == "auto" else ""), {}
+    if compile:
+        from torch._dynamo import is_dynamo_supported  # heavy (seconds): imported only when compile is asked for
+
+        compiler = os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+        why = ("torch.compile (Dynamo) is not supported by this Python/torch build" if not is_dynamo_supported()
+               else "TorchInductor on CPU needs a C++ compiler (g++ or clang++, or set CXX)" if device == "cpu"
+               and not compiler else "TorchInductor on CUDA needs Triton (pip install triton)" if device == "cuda"
+               and importlib.util.find_spec("triton") is None else None)
+    if compile and why:
+        found["trainer.compile"] = f"trainer.compile=true with {where}: {why}; use trainer.compile=false"
+    if strategy == "ddp" and device == "mps":
+        found["trainer.strategy"] = (f"trainer.strategy=ddp with {where}: torch.distributed has no MPS backend; use "
+                                     "trainer.strategy=single")
+    return found
 
 
 def set_threads(n: int | None) -> int:

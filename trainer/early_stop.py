@@ -17,12 +17,16 @@ class EarlyStopping:
     back into the model when training ends, for whatever reason it ends.
     """
 
+    metric_driven = True  # acts on evaluations: the config checker requires some during the run
+
     def __init__(self, monitor: str, mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  restore_best: bool = True) -> None:
         if mode not in ("min", "max"):
-            raise ValueError(f"early_stop.mode={mode!r}: use 'min' or 'max'")
-        if patience < 0 or min_delta < 0:
-            raise ValueError(f"early_stop.patience ({patience}) and min_delta ({min_delta}) must be >= 0")
+            raise ValueError(f"early_stop.mode={mode!r}: must be one of min, max")
+        if patience < 0:
+            raise ValueError(f"early_stop.patience={patience}: must be an int >= 0")
+        if not min_delta >= 0:
+            raise ValueError(f"early_stop.min_delta={min_delta}: must be a number >= 0")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.restore_best = min_delta, restore_best
         self.best = math.inf if mode == "min" else -math.inf

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.config import compose
 from trainer.state import flatten
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -71,17 +72,7 @@ def _choices(cfg: DictConfig, overrides: tuple[str, ...]) -> dict[str, Any] | No
 @functools.lru_cache(maxsize=8)
 def _compose(overrides: tuple[str, ...]) -> tuple[dict, dict]:
     """(the config without its hydra node, Hydra's choices) for `python train.py <overrides>`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    def run() -> DictConfig:
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = run()
-    else:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = run()
+    cfg = compose(overrides, hydra=True)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     return {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}, choices
 

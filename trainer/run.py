@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,6 @@ from trainer.dry_run import dry_run
 from trainer.loop import Trainer
 from trainer.run_dir import write_run_files
 from trainer.signals import Interrupted, stop_on_signals
-from trainer.validate import validate
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -146,12 +146,14 @@ def find_run_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def main(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+def main(cfg: DictConfig, run_dir: Path, overrides: list[str],
+         check: Callable[[DictConfig], None] | None = None) -> dict[str, Any]:
     """run() for the command line: a UserError prints one paragraph and exits, no traceback
     (HYDRA_FULL_ERROR=1 shows it anyway)."""
     try:
         try:
-            validate(cfg)  # every config error at once, before data or device are touched
+            if check is not None:
+                check(cfg)  # every config error at once, before data or device are touched (config.check)
             if cfg.trainer.dry_run:
                 return dry_run(cfg)
             return run(cfg, run_dir, overrides)

@@ -6,7 +6,7 @@ The command line is train.py's plus flags. Exactly one argument lists several va
 Every other argument is an ordinary override applied to every run. Each option is composed exactly as
 `python train.py <overrides>` composes it (Hydra's compose API, the axis replaced by the option in place), so a
 recipe's values apply to each option as they would in a plain run, and every option is checked by the config
-validator (trainer/validate.py) before anything runs: all problems of all options are reported at once.
+validator (config/) before anything runs: all problems of all options are reported at once.
 
 A trial's command line is the user's overrides with the option, then the protocol's keys: `trainer.max_steps`
 (its rung's length), `trainer.seed`, the tuned `optimizer.lr` and `--tune` keys, and (unless the user set them)
@@ -35,6 +35,8 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from config import did_you_mean, problems, unresolvable
+from config.cli import unknown_keys
 from core.errors import ConfigError
 from core.sampler import SAMPLERS
 from schedules import Horizon
@@ -174,12 +176,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def compose(overrides: list[str]) -> DictConfig:
     """The config `python train.py <overrides>` runs (without the hydra node)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from core.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides)
-    return cfg
+    return compose_config(overrides)
 
 
 def _group_options(group: str) -> list[str] | None:
@@ -220,8 +219,6 @@ def axis_problem(axis: str, screen: bool) -> str | None:
 def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | None, tune: list[str],
                evals: int, command: list[str]) -> Plan:
     """Parse, compose and validate everything; raise ConfigError listing every problem at once."""
-    from trainer.cli_check import unknown_keys
-    from trainer.validate import did_you_mean, problems, unresolvable
 
     axis, values, shared, bad = split_axis(args)
     if bad:

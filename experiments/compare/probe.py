@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import open_dict
 
+from config import validate
 from experiments.compare.plan import ROOT, Option, Plan
 from experiments.compare.runs import output_to
 from trainer.build import build
@@ -37,7 +38,6 @@ class Timing:
 
 
 def probe(plan: Plan, option: Option, threads: int) -> Timing:
-    from trainer.validate import validate
 
     def config(steps: int):
         cfg = plan.config(option, plan.overrides(option, steps, plan.tuning_seed, None if plan.screen else 0.0))
@@ -66,7 +66,7 @@ def probe(plan: Plan, option: Option, threads: int) -> Timing:
 def worker_start_s() -> float:
     """Seconds a fresh worker process takes to import what a trial needs."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import experiments.sweep, trainer.run, trainer.validate"], cwd=ROOT,
+    subprocess.run([sys.executable, "-c", "import experiments.sweep, trainer.run, config"], cwd=ROOT,
                    capture_output=True, check=False)
     return time.perf_counter() - start
 

@@ -317,7 +317,7 @@ class Runner:
         # Workers fork from a fresh server process that imported what a trial needs once (torch._dynamo alone takes
         # seconds); forking compare itself is unsafe once torch's thread pools run, spawning pays the imports twice.
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["experiments.compare.runs", "trainer.run", "trainer.validate", "torch._dynamo"])
+        ctx.set_forkserver_preload(["experiments.compare.runs", "trainer.run", "config", "torch._dynamo"])
         ours, theirs = ctx.Pipe()
         process = ctx.Process(target=_worker, args=(theirs,), daemon=True)
         process.start()

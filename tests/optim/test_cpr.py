@@ -232,8 +232,8 @@ COUPLED = ("optimizer=cpr", "regularize.weight_decay_mode=coupled", "regularize.
 def test_coupled_weight_decay_with_cpr_is_a_config_error_naming_the_keys():
     """It used to zero every group's weight_decay, which switched CPR off (it skips groups with weight_decay=0),
     while no L2 was added either (no group had weight_decay > 0): training ran unregularized, silently."""
+    from config import problems
     from regularize.weight_decay import coupled_weight_decay
-    from trainer.validate import problems
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     opt = instantiate(compose_cfg(*COUPLED).optimizer)(param_groups(model))

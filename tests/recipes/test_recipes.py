@@ -17,8 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from config import validate
 from tests.conftest import ROOT, compose_cfg, need_data, run_cli
-from trainer.validate import validate
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 BASE = ("trainer.max_steps=2", "task.batch_size=8", "trainer.compile=false", "trainer.pictures=false",

@@ -180,8 +180,8 @@ def test_an_image_that_fails_to_decode_stops_the_run_or_is_skipped(digit_folder,
 
 
 def test_bad_values_are_reported_together_before_any_data_loads():
+    from config import problems
     from tests.conftest import compose_cfg
-    from trainer.validate import problems
 
     lines = problems(compose_cfg("task=image_classification", "task.val_fraction=1.5", "task.num_classes=1",
                                  "task.bad_images=ignore", "+task.dataset.roott=/x", "data.workers=-1",
@@ -191,7 +191,7 @@ def test_bad_values_are_reported_together_before_any_data_loads():
                      "task.num_classes=1: must be null or an int >= 2",
                      "task.bad_images='ignore': must be one of error, skip",
                      "data.workers=-1: must be an int >= 0",
-                     "data.pin_memory='maybe': must be auto, true or false"]
+                     "data.pin_memory='maybe': must be auto or true or false"]
 
 
 # -- every split numbers its classes as the training split does -----------------------------------------------------

@@ -1,4 +1,4 @@
-"""`python -m schedules.plot schedule=<name> ...` writes a PNG of the LR curve of the composed config."""
+"""`python -m experiments.schedule_plot schedule=<name> ...` writes a PNG of the LR curve of the composed config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from schedules import plot
+from experiments import schedule_plot as plot
 from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -16,7 +16,7 @@ NAMES = sorted(p.stem for p in (ROOT / "conf" / "schedule").glob("*.yaml"))
 
 def test_the_module_command_writes_a_png(tmp_path):
     out = tmp_path / "pics" / "sgdr.png"
-    done = subprocess.run([sys.executable, "-m", "schedules.plot", "schedule=sgdr", "schedule.decay=0.5",
+    done = subprocess.run([sys.executable, "-m", "experiments.schedule_plot", "schedule=sgdr", "schedule.decay=0.5",
                            "trainer.max_steps=300", f"out={out}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Draw the LR curve of a composed config: `python -m schedules.plot schedule=<name> [overrides] [out=x.png]`.
+"""Draw the LR curve of a composed config: `python -m experiments.schedule_plot schedule=<name> [out=x.png]`.
 
 Composes the real config (conf/, as train.py would, any override allowed), builds the schedule for the run's
 horizon and writes a PNG of optimizer.lr x multiplier for every update. No data is loaded: the horizon is
@@ -14,22 +14,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from core import figures
-from schedules.horizon import Horizon
-from trainer.validate import train_size
+from core.config import compose
+from schedules.horizon import Horizon, total_steps
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = ("out", "steps_per_epoch")
 
 
 def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     """The config `python train.py <overrides>` would run, and the name of its schedule option."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose(overrides, hydra=True)
     name = str(cfg.hydra.runtime.choices.get("schedule", "schedule"))
     return cfg, name
 
@@ -37,14 +34,16 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
 def horizon_of(cfg: DictConfig, steps_per_epoch: int | None) -> Horizon:
     t = cfg.trainer
     if steps_per_epoch is None:
-        n = train_size(cfg)
+        task = OmegaConf.to_container(cfg.task, resolve=True)
+        n = get_object(task["_target_"]).train_size_of(task)
         if n is None:
-            raise SystemExit("schedules.plot: give steps_per_epoch=<N> (optimizer steps per epoch of "
+            raise SystemExit("schedule_plot: give steps_per_epoch=<N> (optimizer steps per epoch of "
                              f"{cfg.task.get('_target_')}); it is only known by default for the MNIST tasks")
         steps_per_epoch = n // int(cfg.task.batch_size)
-    if t.max_steps is None and t.max_epochs is None:
-        raise SystemExit("schedules.plot: set trainer.max_steps or trainer.max_epochs (both are null)")
-    total = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
+    try:
+        total = total_steps(t.max_steps, t.max_epochs, steps_per_epoch)
+    except ValueError as e:
+        raise SystemExit(f"schedule_plot: {e}") from None
     return Horizon(total_steps=int(total), steps_per_epoch=int(steps_per_epoch))
 
 
@@ -56,7 +55,7 @@ def plot(overrides: list[str], out: str | Path | None = None, steps_per_epoch: i
         schedule = instantiate(cfg.schedule)(horizon)
     except Exception as e:
         cause = e.__cause__ or e
-        raise SystemExit(f"schedules.plot: schedule: {type(cause).__name__}: {cause}") from None
+        raise SystemExit(f"schedule_plot: schedule: {type(cause).__name__}: {cause}") from None
     base_lr = float(cfg.optimizer.get("lr", 1.0))
     steps = range(horizon.total_steps)
     lrs = [base_lr * schedule(t) for t in steps]

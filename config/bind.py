@@ -1,0 +1,270 @@
+"""The config checked before anything runs: every problem at once, one line each, `full.key=value: why; the fix`.
+
+Closed groups are validated by their pydantic models (core/config.py); every `_target_` node is bound against its
+target's signature (unknown key -> did-you-mean; a missing required argument; **kwargs accept anything) and its
+values against the signature's type hints. Ranges live in the components: the parts that hold no data are
+constructed now (config/rules.py says how), and a failing constructor's key is found without parsing its message:
+from all arguments at their defaults, each is set back to its value in turn; the one that breaks it is named, with
+its default (the fix).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from annotated_types import Ge, Gt, Le, Lt
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from core.config import GROUPS, Allowed
+from core.protocol import interpolated_from
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+SUPPLIED = {"params", "horizon", "num_features", "self"}  # what the trainer passes to `_partial_` factories
+TOP_LEVEL = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", *GROUPS)
+Problems = dict[str, str]  # full key -> its line; the first found for a key wins
+
+
+def fmt(value: Any, limit: int = 60) -> str:
+    """A value as the user would write it on the command line."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list | tuple):
+        text = "[" + ", ".join(fmt(v, limit) for v in value) + "]"
+    elif isinstance(value, Mapping):
+        text = "{" + ", ".join(f"{k}: {fmt(v, limit)}" for k, v in value.items()) + "}"
+    else:
+        text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"allowed: {', '.join(choices)}" if choices else "no keys are allowed here"
+
+
+def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
+    """What a type annotation (with pydantic/annotated_types metadata) allows, in words."""
+    meta, origin, args = list(meta), typing.get_origin(hint), typing.get_args(hint)
+    if any(isinstance(m, Allowed) for m in meta):
+        return next(str(m) for m in meta if isinstance(m, Allowed))
+    if origin is typing.Annotated:
+        return describe(args[0], [*meta, *args[1:]])
+    if origin in (typing.Union, types.UnionType):
+        arms = [describe(a, meta) for a in args if a is not type(None)]
+        return ("null or " if type(None) in args else "") + " or ".join(dict.fromkeys(arms))
+    if origin is typing.Literal:
+        return "one of " * (len(args) > 1) + ", ".join(map(str, args))
+    if hint in (bool, str, type(None)):
+        return {bool: "true or false", str: "a string", type(None): "null"}[hint]
+    if hint in (int, float):
+        kind = "an int" if hint is int else "a number"
+        b = {type(m): m for m in meta if isinstance(m, Ge | Gt | Le | Lt)}
+        lo = ("[", ">=", b[Ge].ge) if Ge in b else ("(", ">", b[Gt].gt) if Gt in b else None
+        hi = ("]", b[Le].le) if Le in b else (")", b[Lt].lt) if Lt in b else None
+        return f"{kind} in {lo[0]}{lo[2]}, {hi[1]}{hi[0]}" if lo and hi else f"{kind} {lo[1]} {lo[2]}" if lo else kind
+    if origin in (list, tuple) or hint in (list, tuple):
+        return "a list" + (f" of {len(args)} values, each {describe(args[0])}" if origin is tuple and args
+                           and args[-1] is not Ellipsis else "")
+    return getattr(hint, "__name__", str(hint))
+
+
+# --- closed groups ---------------------------------------------------------------------------------------------
+
+
+def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]) -> None:
+    """Top-level keys, required groups and the closed groups' values (their pydantic models)."""
+    for key in map(str, cfg):
+        if key != "hydra" and key not in TOP_LEVEL:
+            p.setdefault(key, f"{key}={fmt(raw(cfg, key))}: unknown top-level key; {did_you_mean(key, TOP_LEVEL)}")
+    for group, options in required.items():
+        if group not in cfg:  # ~group: the trainer reads every one of them
+            p.setdefault(group, f"{group}: missing (~{group}?); a run needs one option of the group {group}; pick "
+                                f"an option: {group}=<name> ({', '.join(options)}; conf/{group}/)")
+    for name, model in GROUPS.items():
+        try:
+            if name in cfg and not under(p, name):
+                model.model_validate(OmegaConf.to_container(cfg[name], resolve=True))
+        except ValidationError as e:
+            for err in e.errors():  # loc: the field path, then (in a union) the arm's type
+                key, info, m = name, None, model
+                for part in err["loc"]:
+                    if part not in getattr(m, "model_fields", {}):
+                        break
+                    key, info = f"{key}.{part}", m.model_fields[part]
+                    m = next((a for a in (info.annotation, *typing.get_args(info.annotation))
+                              if inspect.isclass(a) and issubclass(a, BaseModel)), None)
+                leaf, value = str(err["loc"][-1]), raw_at(cfg, key)
+                if err["type"] == "extra_forbidden":
+                    p.setdefault(f"{key}.{leaf}", f"{key}.{leaf}={fmt(err['input'])}: unknown key in {key}; "
+                                                  f"{did_you_mean(leaf, m.model_fields if m else [])}")
+                elif info is not None:
+                    p.setdefault(key, f"{key}={fmt(value) if err['type'] != 'missing' else '???'}: must be "
+                                      f"{describe(info.annotation, info.metadata)}")
+
+
+def raw_at(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def raw(node: DictConfig, key: Any) -> Any:
+    """A child's value for messages: resolved when possible, else its raw text."""
+    try:
+        value = node[key]
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+    except Exception:
+        return node._get_node(key)._value()
+
+
+def under(p: Problems, *prefixes: str) -> bool:
+    """Any problem at, below or above one of `prefixes`."""
+    return any(k == q or k.startswith(q + ".") or q.startswith(k + ".") for k in p for q in prefixes)
+
+
+# --- `_target_` nodes: bound against the signature --------------------------------------------------------------
+
+
+def locate(node: DictConfig, key: str, p: Problems) -> Any:
+    """What `_target_` names, or None (with a problem when it cannot be imported)."""
+    target = node.get("_target_")
+    try:
+        return get_object(target)
+    except Exception as e:
+        module, _, name = str(target).rpartition(".")
+        try:
+            hint = did_you_mean(name, [n for n in dir(get_object(module)) if not n.startswith("_")])
+            why = f"module {module!r} has no {name!r}" + (f"); {hint}" if "did you mean" in hint else ")")
+        except Exception:
+            why = f"{type(e).__name__}: {e})"
+        p.setdefault(f"{key}._target_", f"{key}._target_={fmt(target)}: cannot be imported ({why}")
+        return None
+
+
+def targets(node: Any, key: str) -> Iterable[tuple[str, DictConfig]]:
+    """Every `_target_` node at or below `node`, with its full key (a `_target_` interpolation is left out)."""
+    if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+        if "_target_" in node and not OmegaConf.is_interpolation(node, "_target_"):
+            yield key, node
+        for k in node:
+            child = node._get_node(k)
+            if not OmegaConf.is_interpolation(node, k):
+                yield from targets(child, f"{key}.{k}")
+
+
+def bind(node: DictConfig, key: str, p: Problems) -> None:
+    """Keys against the target's signature, values against its type hints."""
+    obj = locate(node, key, p)
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return  # no target, or no signature to bind against (a builtin)
+    try:
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:
+        hints = {}
+    kwargs = any(q.kind is q.VAR_KEYWORD for q in params.values())
+    named = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+    if not node.get("_partial_", False):
+        for n in named:
+            if params[n].default is params[n].empty and n not in node:
+                p.setdefault(f"{key}.{n}", f"{key}.{n}: missing; {node._target_} requires it")
+    for k in map(str, node):
+        full = f"{key}.{k}"
+        if k in HYDRA_KEYS or under(p, full) or OmegaConf.is_interpolation(node, k):
+            continue  # an interpolated value is checked where it is defined
+        if k not in params and not kwargs:
+            p.setdefault(full, f"{full}={fmt(raw(node, k))}: unknown key for {node._target_}; "
+                               f"{did_you_mean(k, set(named) - SUPPLIED)}")
+        elif k in hints and not isinstance(node[k], DictConfig) and not fits(raw(node, k), hints[k]):
+            p.setdefault(full, f"{full}={fmt(raw(node, k))}: must be {describe(hints[k])} (the type of `{k}` in "
+                               f"{node._target_})")
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """`value` fits the annotation (strictly: 'yes' is no bool); True when pydantic cannot judge the hint."""
+    try:
+        adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True, strict=True))
+    except Exception:
+        return True
+    for v in [value, tuple(value)] if isinstance(value, list) else [value]:
+        try:
+            adapter.validate_python(v)
+            return True
+        except ValidationError:
+            pass
+        except Exception:
+            return True
+    return False
+
+
+# --- construction: a constructor's error named by its key --------------------------------------------------------
+
+
+def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problems) -> None:
+    """instantiate(node) and `build` it; when that fails, name the key (or keys) that break it and their defaults.
+    Keys already reported (or interpolating one) stay at their defaults, so no problem is reported twice."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.select(cfg, key)
+    if not isinstance(node, DictConfig) or "_target_" not in node or any(
+            k.startswith(key + ".") and k.endswith("._target_") for k in p):
+        return
+    try:
+        tree = OmegaConf.to_container(node, resolve=True)
+    except Exception:
+        return  # a value that does not resolve: reported already
+    spare: dict[str, tuple[Any, Any, str]] = {}  # path -> (value, the default, target)
+
+    def walk(d: dict, path: str) -> None:
+        params = inspect.signature(get_object(d["_target_"])).parameters
+        for k, v in d.items():
+            if isinstance(v, dict) and "_target_" in v:
+                walk(v, f"{path}{k}.")
+            elif k not in HYDRA_KEYS and (k not in params or params[k].default is not params[k].empty):
+                spare[path + k] = (v, params[k].default if k in params else params, d["_target_"])
+
+    walk(tree, "")
+
+    def attempt(keep: Iterable[str]) -> Exception | None:
+        def prune(d: dict, path: str) -> dict:
+            return {k: prune(v, f"{path}{k}.") if isinstance(v, dict) else v for k, v in d.items()
+                    if path + k not in spare or path + k in keep}
+        try:
+            build(instantiate(prune(tree, "")))
+        except Exception as e:
+            return e.__cause__ or e
+        return None
+
+    kept = [k for k in spare if not under(p, f"{key}.{k}", *interpolated_from(cfg, f"{key}.{k}"))]
+    first = attempt(kept)
+    if first is None:
+        return
+    if attempt([]) is not None:  # broken even at its defaults: the node as a whole
+        msg = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+        p.setdefault(key, msg if msg.startswith(key.split(".")[0] + ".") else f"{key} ({node._target_}): {msg}")
+        return
+    good: list[str] = []
+    for k in kept:
+        e = attempt([*good, k])
+        if e is None:
+            good.append(k)
+            continue
+        (value, default, target), full = spare[k], f"{key}.{k}"
+        if isinstance(default, Mapping):  # not a parameter: a **kwargs target passed it on
+            p.setdefault(full, f"{full}={fmt(value)}: unknown key for {target}; "
+                               f"{did_you_mean(k.rpartition('.')[2], set(default) - SUPPLIED)}")
+            continue
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        for shown in (f"{full}={value!r}", f"{full}={fmt(value)}", full):
+            msg = msg[len(shown):].lstrip(" :") if msg.startswith(shown) else msg
+        p.setdefault(full, f"{full}={fmt(value)}: {msg}; the default is {full}={fmt(default)} ({target})")

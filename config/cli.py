@@ -1,0 +1,186 @@
+"""The command line, checked before Hydra starts: unknown keys (Hydra stops at the first, exit 1, no
+suggestion), an option listed twice (`clip=[norm,norm]`: Hydra merges it into one node), a required group
+deleted (`~optimizer`), a run folder that cannot be made, and in a sweep (`-m`) every value of every job that
+cannot be resolved. A key given twice is a warning (Hydra keeps the last value). Exit code 2, all at once."""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from config.resolve import unresolvable
+from core.config import CONF, compose
+from core.log import print_error, print_warning
+
+
+def options(group: str) -> list[str]:
+    """A group's options: conf/<group>/*.yaml and the ones registered in Hydra's ConfigStore."""
+    stored = ConfigStore.instance().repo.get(group, {})
+    return sorted({p.stem for p in (CONF / group).glob("*.yaml")} | {n.removesuffix(".yaml") for n in stored})
+
+
+def groups() -> set[str]:
+    return {p.name for p in CONF.iterdir() if p.is_dir()} | set(ConfigStore.instance().repo)
+
+
+def required_groups() -> dict[str, list[str]]:
+    """The groups every run has an option of (train.yaml's defaults with a non-null default) -> their options.
+    `recipe` (null by default) is among them: the defaults list interpolates it, so `~recipe` cannot compose."""
+    entries = [e for e in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(e, DictConfig) and len(e) == 1]
+    return {g: options(g) for e in entries for g in map(str, e)
+            if " " not in g and "@" not in g and (e[g] is not None or g == "recipe")}
+
+
+def unknown_keys(args: list[str]) -> list[str]:
+    """One message per plain override whose key is not in the composed config."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return []  # a syntax error: Hydra's own message says where
+    named = groups()
+    picks = [o.input_line for o in overrides if o.key_or_group.startswith("hydra.searchpath") or o.is_add()
+             or o.is_delete() or o.is_force_add() or o.key_or_group.split("@")[0] in named]
+    try:
+        cfg = compose([p for p in picks if not p.startswith("hydra") or p.startswith("hydra.searchpath=")])
+    except HydraException:
+        return deleted_groups(overrides)  # else an unknown option and the like: Hydra lists the choices
+    problems = []
+    for o in overrides:
+        if o.input_line in picks or o.key_or_group.startswith("hydra"):
+            continue
+        parent_key, _, leaf = o.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig):
+            problems.append(f"{o.key_or_group}: unknown key ({parent_key or 'the config'} has no such section)")
+        elif leaf not in parent:
+            close = difflib.get_close_matches(leaf, [str(k) for k in parent], n=1)
+            hint = f"; did you mean '{parent_key + '.' if parent_key else ''}{close[0]}'?" if close else ""
+            problems.append(f"{o.key_or_group}={o.value()}: unknown key{hint} "
+                            f"(to add a new key on purpose: +{o.key_or_group}=...)")
+    return problems
+
+
+def listed_twice(overrides: list[Override]) -> list[str]:
+    """`group=[a,a]`: Hydra merges the option into one node, so the run would apply it once."""
+    problems, named = [], groups()
+    for o in overrides:
+        value = o.value() if o.key_or_group in named else None
+        for choice in value.list if isinstance(value, ChoiceSweep) else [value]:
+            twice = [x for i, x in enumerate(choice) if x in choice[:i]] if isinstance(choice, list) else []
+            if twice:
+                group, once = o.key_or_group, ",".join(str(x) for x in dict.fromkeys(choice))
+                problems.append(f"{group}=[{','.join(str(x) for x in choice)}]: lists {twice[0]} twice, but an "
+                                f"option is one config node ({group}.{twice[0]}), so Hydra keeps one and the run "
+                                f"would apply it once; list each option once: {group}=[{once}]")
+    return problems
+
+
+def given_twice(overrides: list[Override]) -> list[str]:
+    """Warnings for keys given more than once: Hydra keeps the last value."""
+    by_key: dict[str, list[Override]] = {}
+    for o in overrides:
+        by_key.setdefault(o.get_key_element().lstrip("+~"), []).append(o)
+    return [f"{key} is given {'twice' if len(given) == 2 else f'{len(given)} times'} on the command line ("
+            + ", then ".join(o.input_line.split("=", 1)[1] if "=" in o.input_line else "(deleted)" for o in given)
+            + "): the last one is used" for key, given in by_key.items() if len(given) > 1]
+
+
+def deleted_groups(overrides: list[Override]) -> list[str]:
+    """`~optimizer`: a run needs one option of each required group (Hydra fails on its defaults list)."""
+    required = required_groups()
+    return ["~recipe: to run without a recipe, leave recipe out (or write recipe=null)" if o.key_or_group == "recipe"
+            else f"~{o.key_or_group}: a run needs one option of the group {o.key_or_group}; pick an option: "
+                 f"{o.key_or_group}=<name> ({', '.join(required[o.key_or_group])}; conf/{o.key_or_group}/)"
+            for o in overrides if o.is_delete() and o.key_or_group in required]
+
+
+def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
+    """Why the run (or sweep) folder cannot be created, or None. Only the part before the first interpolation
+    (`runs/` of `runs/${now:...}`) can be checked before Hydra resolves it."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.value() for o in overrides if o.key_or_group == key]
+    raw = given[-1] if given else OmegaConf.load(CONF / "train.yaml").hydra[key.split(".")[1]]._get_node("dir")._value()
+    static = raw.split("${", 1)[0] if isinstance(raw, str) else ""
+    if not static:
+        return None
+    folder = Path(static).expanduser()
+    folder = folder.parent if "${" in raw and not static.endswith("/") else folder  # runs/x_${now:...}
+    existing = folder if folder.is_absolute() else Path.cwd() / folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = f"choose another folder: {key}=</path/to/folder>"
+    if not existing.is_dir():
+        return f"{key}={raw!r}: cannot be created: {existing} is a file, not a folder; {fix}"
+    try:
+        Path(tempfile.mkdtemp(prefix=".kiln-probe-", dir=existing)).rmdir()
+    except OSError as e:
+        return f"{key}={raw!r}: cannot be created: nothing can be written in {existing} ({e.strerror or e}); {fix}"
+    return None
+
+
+def sweep_unresolvable(args: list[str]) -> list[str]:
+    """Every value that cannot be resolved in any job of a sweep (the sweeper's `hydra.sweeper.params`, then the
+    command line), before the first job runs. A range the sweeper samples keeps its default; jobs that differ only
+    in plain values (an LR grid) are composed once: a number does not change which interpolations resolve."""
+    parser = OverridesParser.create()
+    try:
+        fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+        params = compose(fixed, hydra=True).hydra.sweeper.get("params")
+        params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
+        lines = [o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + args)
+                 if not o.is_sweep_override() or o.is_discrete_sweep()]
+    except HydraException:
+        return []
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+            else [o.input_line] for o in lines]
+    swept, named = {o.get_key_element() for o in lines if o.is_sweep_override()}, groups()
+    jobs = [list(job) for job in itertools.product(*axes)]
+    found: dict[str, list[str]] = {}
+    checked: dict[tuple[str, ...], list[str]] = {}
+    for job in jobs:
+        shape = tuple(x.split("=", 1)[0] if x.split("=", 1)[0].split("@")[0] not in named and "{" not in x else x
+                      for x in job)
+        if shape not in checked:
+            try:
+                checked[shape] = list(unresolvable(compose(job)).values())
+            except HydraException:
+                checked[shape] = []  # a job that does not compose: Hydra names the option it cannot find
+        label = " ".join(re.sub(r"\\(.)", r"\1", x) for x in job if x.split("=", 1)[0] in swept)
+        for line in checked[shape]:
+            found.setdefault(line, []).append(label)
+    return [line + ("" if len(where) == len(jobs) else f" (in the job{'s' * (len(where) > 1)}: {'; '.join(where)})")
+            for line, where in found.items()]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Exit with code 2 listing every problem, before Hydra starts; print warnings for keys given twice. Unknown
+    keys are checked for single runs only; --help, --cfg and the like are left to Hydra."""
+    flags, args = [a for a in argv if a.startswith("-")], [a for a in argv if not a.startswith("-")]
+    multirun = bool(flags) and set(flags) <= {"-m", "--multirun"}
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    deleted = deleted_groups(overrides)
+    unknown = unknown_keys(args) if not flags and not deleted else []
+    problems = listed_twice(overrides) + deleted + unknown
+    if not flags or multirun:
+        problems += [x for x in [run_dir_problem(overrides, multirun)] if x]
+    if multirun and not problems:
+        problems += sweep_unresolvable(args)
+    for line in given_twice(overrides):
+        print_warning(line)
+    if problems:
+        n, what = len(problems), "unknown key" if len(unknown) == len(problems) else "problem"
+        print_error(f"the command line has {n} {what}{'s' * (n > 1)}:\n  " + "\n  ".join(problems))
+        sys.exit(2)

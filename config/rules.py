@@ -1,0 +1,230 @@
+"""Rules across groups that no single component can check (each stated once: here, or in the module that owns
+it), the cheap construction of the parts that hold no data, and the oddities (valid, probably not meant)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from config.bind import Problems, construct, did_you_mean, fmt, under
+from core.batches import split_problem, usable_cores
+from core.config import parse_duration
+from core.protocol import interpolated_from
+from optim.param_groups import config_param_groups
+from regularize.loss_reduction import REDUCTIONS
+from regularize.weight_decay import coupled_weight_decay
+from schedules.horizon import Horizon, total_steps
+from trainer.device import machine_problems, resolve_device
+
+
+def get(cfg: DictConfig, key: str, p: Problems) -> Any:
+    """The resolved value at `key` when it exists and has no problem; else None."""
+    try:
+        value = None if under(p, key) else OmegaConf.select(cfg, key, throw_on_missing=False)
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+    except Exception:
+        return None  # does not resolve: reported already
+
+
+def target(cfg: DictConfig, key: str, p: Problems) -> Any:
+    name = get(cfg, f"{key}._target_", p)
+    try:
+        return get_object(name) if isinstance(name, str) else None
+    except Exception:
+        return None
+
+
+def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
+    """The task class and its resolved `task.*` keys over the constructor's defaults (what Task.check takes)."""
+    node, cls = cfg.get("task"), target(cfg, "task", p)
+    keys = [str(k) for k in node if not under(p, f"task.{k}")] if isinstance(node, DictConfig) else []
+    task = {k: get(cfg, f"task.{k}", p) for k in keys}  # the keys with a problem take their defaults
+    try:
+        params = inspect.signature(cls).parameters.values() if inspect.isclass(cls) else []
+    except (TypeError, ValueError):
+        params = []
+    return cls, {**{q.name: q.default for q in params if q.default is not q.empty}, **task}
+
+
+def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | None, int | None]:
+    """(total steps, steps per epoch) as far as they are known without data (None where not)."""
+    p = {} if p is None else p
+    (cls, task), batch = task_settings(cfg, p), get(cfg, "task.batch_size", p)
+    n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
+    spe = n // batch if n is not None and isinstance(batch, int) and 0 < batch <= n else None  # drop_last
+    try:
+        return total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), spe), spe
+    except (TypeError, ValueError):
+        return None, spe
+
+
+def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
+    """(what, the alternative) for the part of the run that acts on evaluations (it declares `metric_driven`)."""
+    if getattr(target(cfg, "early_stop", p), "metric_driven", False):
+        return "early stopping", " or early_stop=off"
+    if getattr(target(cfg, "schedule", p), "metric_driven", False):
+        return f"schedule={cfg.schedule._target_.rpartition('.')[2]}", ""
+    return None
+
+
+def check_rules(cfg: DictConfig, p: Problems) -> None:
+    add, (cls, task) = p.setdefault, task_settings(cfg, p)
+    try:
+        total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), None)
+    except ValueError as e:
+        add("trainer.max_steps", str(e))
+    for line in cls.check(task) if hasattr(cls, "check") else []:
+        add(line.split("=")[0].split(":")[0], line)
+    batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
+    if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and split_problem(batch, accum):
+        add("trainer.grad_accum", split_problem(batch, accum))
+    n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
+    if n is not None and isinstance(batch, int) and batch > n:
+        add("task.batch_size", f"task.batch_size={batch}: must be <= the training set ({n} samples)")
+    reduction = get(cfg, "regularize.loss_reduction", p)
+    if reduction is not None and reduction not in REDUCTIONS:
+        add("regularize.loss_reduction", f"regularize.loss_reduction={fmt(reduction)}: must be one of "
+                                         f"{', '.join(REDUCTIONS)}")
+    evals, needs = get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
+    if needs and evals is not None and parse_duration(evals)[0] == 0:
+        add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations during the "
+                                     f"run (a non-zero interval){needs[1]}")
+    if inspect.isclass(cls):
+        check_task_fit(cfg, p, cls, task)
+    for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
+        path = get(cfg, key, p)
+        if not isinstance(path, str) or not path or under(p, *interpolated_from(cfg, key)):
+            continue
+        shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
+        if want == "folder" and path.exists() and not path.is_dir():
+            add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
+                     "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
+        elif want == "file" and path.is_dir():
+            add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
+    resume = get(cfg, "trainer.resume", p)
+    if isinstance(resume, str) and resume != "auto" and not (resume.strip() and Path(resume).expanduser().exists()):
+        add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: "
+                              f"{'no such file or folder' if resume.strip() else 'names no checkpoint'}; pass a run "
+                              "folder that has checkpoints, a checkpoint file, trainer.resume=auto (the newest run "
+                              "with the same config) or trainer.resume=null (a fresh run)")
+    name = get(cfg, "trainer.device", p)
+    for key, line in machine_problems(name, get(cfg, "trainer.compile", p) is True,
+                                      get(cfg, "trainer.strategy", p)).items() if isinstance(name, str) else ():
+        add(key, line)
+
+
+def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
+    """The norm and the metrics the config names, against what the task class declares (no data loaded)."""
+    name, kind, norms = f"{cls.__module__}.{cls.__qualname__}", get(cfg, "norm.kind", p), getattr(cls, "norms", None)
+    if norms is not None and isinstance(kind, str) and kind not in norms:
+        p.setdefault("norm.kind", f"norm.kind={fmt(kind)} (norm={kind}): the task {name} cannot use it; it takes "
+                                  + ", ".join(f"norm={k}" for k in norms))
+    batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
+    if kind == "batchnorm" and isinstance(accum, int) and batch == accum:
+        p.setdefault("norm.kind", f"norm.kind='batchnorm' (norm=batchnorm) with micro-batches of 1 sample (task."
+                                  f"batch_size={batch} / trainer.grad_accum={accum}): BatchNorm cannot normalise a "
+                                  "single sample in training; use a larger task.batch_size, a smaller "
+                                  "trainer.grad_accum, or norm=layernorm")
+    evals, tests = cls.declared_metrics(task) if hasattr(cls, "declared_metrics") else ({}, {})
+    every = {**evals, **tests}
+    for key, allowed, who in (("monitor.metric", every, "use"), ("early_stop.monitor", evals, "early stopping needs"),
+                              ("schedule.monitor", evals, "the schedule needs"), ("expect.metric", every, "use")):
+        metric, mode_key = get(cfg, key, p), key.rsplit(".", 1)[0] + ".mode"
+        if not evals or not isinstance(metric, str) or under(p, *interpolated_from(cfg, key)):
+            continue
+        via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, key))
+        if metric not in allowed:
+            hint = did_you_mean(metric, allowed)
+            why = (f"the task {name} scores {metric} once, at the end, not at each evaluation" if metric in every
+                   else f"the task {name} does not report {metric!r}" + (f" ({hint})" if "did you" in hint else ""))
+            p.setdefault(key, f"{key}={fmt(metric)}{via}: {why}; {who} "
+                              f"{'one of its metrics' if allowed == every else 'an evaluation metric'}: "
+                              + " or ".join(f"{key}={m}" for m in allowed))
+        elif get(cfg, mode_key, p) in ("min", "max") and get(cfg, mode_key, p) != allowed[metric] \
+                and not under(p, *interpolated_from(cfg, mode_key)):
+            via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, mode_key))
+            p.setdefault(mode_key, f"{mode_key}={fmt(get(cfg, mode_key, p))}{via}: "
+                                   f"{'lower' if allowed[metric] == 'min' else 'higher'} {metric} is better (the task "
+                                   f"{name} declares it), so {get(cfg, mode_key, p)} would keep the worst value; use "
+                                   f"{mode_key}={allowed[metric]}")
+
+
+def check_construction(cfg: DictConfig, p: Problems) -> None:
+    """Construct the parts that hold no data, so their own argument checks run before data loads."""
+    total, spe = horizon_numbers(cfg, p)
+    known = total is not None and (spe or "ep" not in str(get(cfg, "schedule", p)))
+    # a run of unknown length: a horizon every duration fits, so only the schedule's other arguments are judged
+    horizon = Horizon(total, spe or 1) if known else Horizon(10**12, 10**6)
+    construct(cfg, "schedule", lambda made: made(horizon), p)
+    for name in get(cfg, "clip", p) or {}:
+        construct(cfg, f"clip.{name}", lambda made: made, p)
+    construct(cfg, "early_stop", lambda made: made, p)
+    if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
+        construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
+    construct(cfg, "norm", lambda made: made(4), p)
+    if not under(p, "regularize.decay_bias_and_norm", "regularize.decay_embeddings"):
+        construct(cfg, "optimizer", lambda made: coupled(made(toy_groups(cfg)), cfg, p), p)
+    construct(cfg, "regularize.augment", augment, p)
+
+
+def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The trainer's param groups for a tiny model (hidden matrix, norm, head): some optimizers route by role."""
+    return config_param_groups(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                                                   torch.nn.Linear(4, 2)), cfg.regularize)
+
+
+def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
+    """regularize.weight_decay_mode=coupled needs an optimizer with weight decay (regularize/weight_decay.py)."""
+    try:
+        if not under(p, "regularize.weight_decay_mode", "regularize.weight_decay"):
+            coupled_weight_decay(optimizer, cfg.regularize.weight_decay_mode, cfg.regularize.weight_decay)
+    except ValueError as e:  # the optimizer is fine: the rule is regularize's
+        p.setdefault("regularize.weight_decay_mode", str(e))
+
+
+def augment(factory: Any) -> Any:
+    """Call the augmentation factory as a task does; one that needs task facts (vocab size) is left alone."""
+    try:
+        return factory()
+    except TypeError as e:
+        if "missing" not in str(e):
+            raise
+
+
+def oddities(cfg: DictConfig) -> list[str]:
+    """Settings that run but probably do not do what was meant, one line each (a smoke test shorter than an
+    epoch evaluates only at its end: legitimate, so a warning)."""
+    p: Problems = {}
+    (total, spe), evals, needs = horizon_numbers(cfg, p), get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
+    every = Horizon(total, spe or 1).steps(evals) if total and (spe or "ep" not in str(evals)) else None
+    lines = []
+    if every and every > total and not needs:
+        lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
+                     "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
+    if every and needs:
+        stop = needs[0] == "early stopping"
+        key = "early_stop.patience" if stop else "schedule.patience"
+        effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
+        evaluations, patience = (total - 1) // every, get(cfg, key, p)  # the last evaluation decides nothing
+        # early stopping: the first evaluation sets the best, then `patience` (at least 1) without improvement stop
+        # the run; plateau: more than `patience` without improvement lower the LR.
+        needed = (max(patience, 1) + 1 if stop else patience + 2) if isinstance(patience, int) else 1
+        if evaluations == 0:
+            length = "the whole run" if every == total else f"longer than the run ({total} steps)"
+            lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, {length}: the run does not evaluate "
+                         f"before its end, so {effect}; use a shorter interval")
+        elif evaluations < needed:
+            lines.append(f"{key}={patience}: the run evaluates {evaluations} time{'s' * (evaluations != 1)} before "
+                         f"its end (every {every} of {total} steps), so {effect} (that takes {needed}); evaluate more "
+                         f"often (trainer.eval_interval) or lower {key}")
+    threads, cores = get(cfg, "trainer.threads", p), usable_cores()
+    if isinstance(threads, int) and threads > cores:
+        lines.append(f"trainer.threads={threads}: this machine has {cores} core{'s' * (cores > 1)} for this process; "
+                     "more threads than cores slow torch down; use trainer.threads=null (torch's default) or at most "
+                     f"{cores}")
+    return lines
