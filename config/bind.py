@@ -71,9 +71,6 @@ def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-# --- closed groups ---------------------------------------------------------------------------------------------
-
-
 def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]) -> None:
     """Top-level keys, required groups and the closed groups' values (their pydantic models)."""
     for key in map(str, cfg):
@@ -117,9 +114,6 @@ def raw(node: DictConfig, key: Any) -> Any:
 def under(p: Problems, *prefixes: str) -> bool:
     """Any problem at, below or above one of `prefixes`."""
     return any(k == q or k.startswith(q + ".") or q.startswith(k + ".") for k in p for q in prefixes)
-
-
-# --- `_target_` nodes: bound against the signature --------------------------------------------------------------
 
 
 def locate(node: DictConfig, key: str, p: Problems) -> Any:
@@ -193,9 +187,6 @@ def fits(value: Any, hint: Any) -> bool:
         except Exception:
             return True
     return False
-
-
-# --- construction: a constructor's error named by its key --------------------------------------------------------
 
 
 def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problems) -> None:
