@@ -63,12 +63,12 @@ def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | N
         return None, spe
 
 
-def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
-    """(what, the alternative) for the part of the run that acts on evaluations (it declares `metric_driven`)."""
-    if getattr(target(cfg, "early_stop", p), "metric_driven", False):
-        return "early stopping", " or early_stop=off"
-    if getattr(target(cfg, "schedule", p), "metric_driven", False):
-        return f"schedule={cfg.schedule._target_.rpartition('.')[2]}", ""
+def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str, Any] | None:
+    """(what, the alternative, its target) for the part of the run that acts on evaluations (evaluations_to_act)."""
+    if hasattr(stop := target(cfg, "early_stop", p), "evaluations_to_act"):
+        return "early stopping", " or early_stop=off", stop
+    if hasattr(schedule := target(cfg, "schedule", p), "evaluations_to_act"):
+        return f"schedule={cfg.schedule._target_.rpartition('.')[2]}", "", schedule
     return None
 
 
@@ -204,9 +204,7 @@ def oddities(cfg: DictConfig) -> list[str]:
         key = "early_stop.patience" if stop else "schedule.patience"
         effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
         evaluations, patience = (total - 1) // every, get(cfg, key, p)  # the last evaluation decides nothing
-        # early stopping: the first evaluation sets the best, then `patience` (at least 1) without improvement stop
-        # the run; plateau: more than `patience` without improvement lower the LR.
-        needed = (max(patience, 1) + 1 if stop else patience + 2) if isinstance(patience, int) else 1
+        needed = needs[2].evaluations_to_act(patience) if isinstance(patience, int) else 1
         if evaluations == 0:
             length = "the whole run" if every == total else f"longer than the run ({total} steps)"
             lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, {length}: the run does not evaluate "
