@@ -1,12 +1,5 @@
-"""The config checked before anything runs: every problem at once, one line each, `full.key=value: why; the fix`.
-
-Closed groups are validated by their pydantic models (core/config.py); every `_target_` node is bound against its
-target's signature (unknown key -> did-you-mean; a missing required argument; **kwargs accept anything) and its
-values against the signature's type hints. Ranges live in the components: the parts that hold no data are
-constructed now (config/rules.py says how), and a failing constructor's key is found without parsing its message:
-from all arguments at their defaults, each is set back to its value in turn; the one that breaks it is named, with
-its default (the fix).
-"""
+"""Binding the config to what it names: the closed groups against their pydantic models, every `_target_` node
+against its target's signature and type hints, and a failing constructor's error named by its key (DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from annotated_types import Ge, Gt, Le, Lt
-from hydra.utils import get_object
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
@@ -78,9 +71,6 @@ def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-# --- closed groups ---------------------------------------------------------------------------------------------
-
-
 def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]) -> None:
     """Top-level keys, required groups and the closed groups' values (their pydantic models)."""
     for key in map(str, cfg):
@@ -103,7 +93,7 @@ def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]
                     key, info = f"{key}.{part}", m.model_fields[part]
                     m = next((a for a in (info.annotation, *typing.get_args(info.annotation))
                               if inspect.isclass(a) and issubclass(a, BaseModel)), None)
-                leaf, value = str(err["loc"][-1]), raw_at(cfg, key)
+                leaf, value = str(err["loc"][-1]), raw(cfg, key)
                 if err["type"] == "extra_forbidden":
                     p.setdefault(f"{key}.{leaf}", f"{key}.{leaf}={fmt(err['input'])}: unknown key in {key}; "
                                                   f"{did_you_mean(leaf, m.model_fields if m else [])}")
@@ -112,15 +102,10 @@ def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]
                                       f"{describe(info.annotation, info.metadata)}")
 
 
-def raw_at(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
-    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
-
-
 def raw(node: DictConfig, key: Any) -> Any:
-    """A child's value for messages: resolved when possible, else its raw text."""
+    """A value (a dotted key below `node`) for messages: resolved when possible, else its raw text."""
     try:
-        value = node[key]
+        value = OmegaConf.select(node, str(key), default=None)
         return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
     except Exception:
         return node._get_node(key)._value()
@@ -129,9 +114,6 @@ def raw(node: DictConfig, key: Any) -> Any:
 def under(p: Problems, *prefixes: str) -> bool:
     """Any problem at, below or above one of `prefixes`."""
     return any(k == q or k.startswith(q + ".") or q.startswith(k + ".") for k in p for q in prefixes)
-
-
-# --- `_target_` nodes: bound against the signature --------------------------------------------------------------
 
 
 def locate(node: DictConfig, key: str, p: Problems) -> Any:
@@ -196,7 +178,7 @@ def fits(value: Any, hint: Any) -> bool:
         adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True, strict=True))
     except Exception:
         return True
-    for v in [value, tuple(value)] if isinstance(value, list) else [value]:
+    for v in [value, tuple(value)] if isinstance(value, list) else [value]:  # YAML has no tuples
         try:
             adapter.validate_python(v)
             return True
@@ -207,14 +189,9 @@ def fits(value: Any, hint: Any) -> bool:
     return False
 
 
-# --- construction: a constructor's error named by its key --------------------------------------------------------
-
-
 def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problems) -> None:
     """instantiate(node) and `build` it; when that fails, name the key (or keys) that break it and their defaults.
     Keys already reported (or interpolating one) stay at their defaults, so no problem is reported twice."""
-    from hydra.utils import instantiate
-
     node = OmegaConf.select(cfg, key)
     if not isinstance(node, DictConfig) or "_target_" not in node or any(
             k.startswith(key + ".") and k.endswith("._target_") for k in p):

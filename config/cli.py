@@ -1,7 +1,5 @@
-"""The command line, checked before Hydra starts: unknown keys (Hydra stops at the first, exit 1, no
-suggestion), an option listed twice (`clip=[norm,norm]`: Hydra merges it into one node), a required group
-deleted (`~optimizer`), a run folder that cannot be made, and in a sweep (`-m`) every value of every job that
-cannot be resolved. A key given twice is a warning (Hydra keeps the last value). Exit code 2, all at once."""
+"""The command line, checked before Hydra starts (DESIGN.md says why): unknown keys, an option listed twice, a
+required group deleted, a run folder that cannot be made, a sweep's unresolvable values; a key given twice warns."""
 
 from __future__ import annotations
 
@@ -34,8 +32,8 @@ def groups() -> set[str]:
 
 
 def required_groups() -> dict[str, list[str]]:
-    """The groups every run has an option of (train.yaml's defaults with a non-null default) -> their options.
-    `recipe` (null by default) is among them: the defaults list interpolates it, so `~recipe` cannot compose."""
+    """The groups every run has an option of (train.yaml's non-null defaults, and `recipe`: the defaults list
+    interpolates it, so `~recipe` cannot compose) -> their options."""
     entries = [e for e in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(e, DictConfig) and len(e) == 1]
     return {g: options(g) for e in entries for g in map(str, e)
             if " " not in g and "@" not in g and (e[g] is not None or g == "recipe")}
@@ -105,8 +103,7 @@ def deleted_groups(overrides: list[Override]) -> list[str]:
 
 
 def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
-    """Why the run (or sweep) folder cannot be created, or None. Only the part before the first interpolation
-    (`runs/` of `runs/${now:...}`) can be checked before Hydra resolves it."""
+    """Why the run (or sweep) folder cannot be created, or None; only its part before an interpolation is known."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [o.value() for o in overrides if o.key_or_group == key]
     raw = given[-1] if given else OmegaConf.load(CONF / "train.yaml").hydra[key.split(".")[1]]._get_node("dir")._value()
@@ -129,9 +126,8 @@ def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
 
 
 def sweep_unresolvable(args: list[str]) -> list[str]:
-    """Every value that cannot be resolved in any job of a sweep (the sweeper's `hydra.sweeper.params`, then the
-    command line), before the first job runs. A range the sweeper samples keeps its default; jobs that differ only
-    in plain values (an LR grid) are composed once: a number does not change which interpolations resolve."""
+    """Every value that cannot be resolved in any job of a sweep (`hydra.sweeper.params`, then the command line).
+    A sampled range keeps its default; jobs that differ only in plain values (an LR grid) are composed once."""
     parser = OverridesParser.create()
     try:
         fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
@@ -163,8 +159,7 @@ def sweep_unresolvable(args: list[str]) -> list[str]:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Exit with code 2 listing every problem, before Hydra starts; print warnings for keys given twice. Unknown
-    keys are checked for single runs only; --help, --cfg and the like are left to Hydra."""
+    """Exit with code 2 listing every problem; warn of keys given twice. --help, --cfg...: left to Hydra."""
     flags, args = [a for a in argv if a.startswith("-")], [a for a in argv if not a.startswith("-")]
     multirun = bool(flags) and set(flags) <= {"-m", "--multirun"}
     try:

@@ -3,6 +3,7 @@ that raises, a reference cycle), each with its expression, why and the fix."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import re
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.basecontainer import BaseContainer
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType
 
-from config.bind import fmt
+from config.bind import fmt, targets
 
 _ABSENT = object()
 
@@ -54,16 +55,11 @@ def unresolvable(cfg: DictConfig, skip: Iterable[str] = ("hydra",)) -> dict[str,
 
 def _import_targets(cfg: DictConfig) -> bool:
     """Import the module of every `_target_` (as constructing the config would); True when one was new."""
-    found = re.findall(r"_target_: ([\w.]+)\.\w+", OmegaConf.to_yaml(cfg, resolve=False))
-    new = False
-    for module in dict.fromkeys(found):
-        if module not in sys.modules:
-            try:
-                importlib.import_module(module)
-                new = True
-            except Exception:
-                pass  # reported as a target that cannot be imported
-    return new
+    new = {str(node._target_).rpartition(".")[0] for _, node in targets(cfg, "")} - set(sys.modules)
+    for module in new:
+        with contextlib.suppress(Exception):  # reported as a target that cannot be imported
+            importlib.import_module(module)
+    return any(module in sys.modules for module in new)
 
 
 def references(key: str, text: str) -> list[str]:

@@ -11,10 +11,10 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from config.bind import Problems, construct, did_you_mean, fmt, under
+from config.bind import Problems, construct, fmt, under
 from core.batches import split_problem, usable_cores
 from core.config import parse_duration
-from core.protocol import interpolated_from
+from core.protocol import interpolated_from, unreported
 from optim.param_groups import config_param_groups
 from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import coupled_weight_decay
@@ -63,12 +63,12 @@ def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | N
         return None, spe
 
 
-def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str] | None:
-    """(what, the alternative) for the part of the run that acts on evaluations (it declares `metric_driven`)."""
-    if getattr(target(cfg, "early_stop", p), "metric_driven", False):
-        return "early stopping", " or early_stop=off"
-    if getattr(target(cfg, "schedule", p), "metric_driven", False):
-        return f"schedule={cfg.schedule._target_.rpartition('.')[2]}", ""
+def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str, Any] | None:
+    """(what, the alternative, its target) for the part of the run that acts on evaluations (evaluations_to_act)."""
+    if hasattr(stop := target(cfg, "early_stop", p), "evaluations_to_act"):
+        return "early stopping", " or early_stop=off", stop
+    if hasattr(schedule := target(cfg, "schedule", p), "evaluations_to_act"):
+        return f"schedule={cfg.schedule._target_.rpartition('.')[2]}", "", schedule
     return None
 
 
@@ -131,27 +131,20 @@ def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
                                   "single sample in training; use a larger task.batch_size, a smaller "
                                   "trainer.grad_accum, or norm=layernorm")
     evals, tests = cls.declared_metrics(task) if hasattr(cls, "declared_metrics") else ({}, {})
-    every = {**evals, **tests}
-    for key, allowed, who in (("monitor.metric", every, "use"), ("early_stop.monitor", evals, "early stopping needs"),
-                              ("schedule.monitor", evals, "the schedule needs"), ("expect.metric", every, "use")):
+    for key, every_eval in (("monitor.metric", False), ("early_stop.monitor", True), ("schedule.monitor", True),
+                            ("expect.metric", False)):
         metric, mode_key = get(cfg, key, p), key.rsplit(".", 1)[0] + ".mode"
         if not evals or not isinstance(metric, str) or under(p, *interpolated_from(cfg, key)):
             continue
-        via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, key))
-        if metric not in allowed:
-            hint = did_you_mean(metric, allowed)
-            why = (f"the task {name} scores {metric} once, at the end, not at each evaluation" if metric in every
-                   else f"the task {name} does not report {metric!r}" + (f" ({hint})" if "did you" in hint else ""))
-            p.setdefault(key, f"{key}={fmt(metric)}{via}: {why}; {who} "
-                              f"{'one of its metrics' if allowed == every else 'an evaluation metric'}: "
-                              + " or ".join(f"{key}={m}" for m in allowed))
-        elif get(cfg, mode_key, p) in ("min", "max") and get(cfg, mode_key, p) != allowed[metric] \
-                and not under(p, *interpolated_from(cfg, mode_key)):
+        line, mode, want = unreported(cfg, key, metric, name, evals, tests, every_eval), get(cfg, mode_key, p), \
+            {**evals, **tests}.get(metric)
+        if line:
+            p.setdefault(key, line)
+        elif mode in ("min", "max") and mode != want and not under(p, *interpolated_from(cfg, mode_key)):
             via = "".join(f" (from ${{{r}}})" for r in interpolated_from(cfg, mode_key))
-            p.setdefault(mode_key, f"{mode_key}={fmt(get(cfg, mode_key, p))}{via}: "
-                                   f"{'lower' if allowed[metric] == 'min' else 'higher'} {metric} is better (the task "
-                                   f"{name} declares it), so {get(cfg, mode_key, p)} would keep the worst value; use "
-                                   f"{mode_key}={allowed[metric]}")
+            p.setdefault(mode_key, f"{mode_key}={fmt(mode)}{via}: {'lower' if want == 'min' else 'higher'} {metric} "
+                                   f"is better (the task {name} declares it), so {mode} would keep the worst value; "
+                                   f"use {mode_key}={want}")
 
 
 def check_construction(cfg: DictConfig, p: Problems) -> None:
@@ -211,9 +204,7 @@ def oddities(cfg: DictConfig) -> list[str]:
         key = "early_stop.patience" if stop else "schedule.patience"
         effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
         evaluations, patience = (total - 1) // every, get(cfg, key, p)  # the last evaluation decides nothing
-        # early stopping: the first evaluation sets the best, then `patience` (at least 1) without improvement stop
-        # the run; plateau: more than `patience` without improvement lower the LR.
-        needed = (max(patience, 1) + 1 if stop else patience + 2) if isinstance(patience, int) else 1
+        needed = needs[2].evaluations_to_act(patience) if isinstance(patience, int) else 1
         if evaluations == 0:
             length = "the whole run" if every == total else f"longer than the run ({total} steps)"
             lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, {length}: the run does not evaluate "

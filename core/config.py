@@ -1,11 +1,6 @@
-"""The closed config groups (trainer, data, regularize, monitor, expect) typed once, with their defaults, and the
-one `compose(overrides)` every tool uses.
-
-pydantic because it gives types, ranges, unions of primitives (`"auto" | bool`) and every error at once; OmegaConf
-structured configs have no ranges and no Union of primitives. TrainerConfig's defaults are the trainer group's
-(registered in Hydra's ConfigStore as `trainer: default`); regularize and data keep their YAML options. Durations
-are parsed here, once (schedules.horizon.Horizon uses it too).
-"""
+"""The closed config groups (trainer, data, regularize, monitor, expect) typed once with pydantic, with their
+defaults (TrainerConfig's are the trainer group's, in Hydra's ConfigStore), durations parsed once, and the one
+`compose(overrides)` every tool uses."""
 
 from __future__ import annotations
 

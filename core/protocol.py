@@ -123,12 +123,6 @@ def batchnorm_warning(model: nn.Module, batch_size: int, grad_accum: int, world:
             "(norm=layernorm for the built-in models; nn.LayerNorm or nn.GroupNorm in your own).")
 
 
-def _closest(name: str, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return close[0] if close else choices[0]
-
-
 def monitored(cfg: DictConfig, early_stop: Any, observers: list[Any]) -> list[tuple[str, str, bool]]:
     """(config key, metric name, needed at every evaluation) for each metric the run watches."""
     watched = []
@@ -144,26 +138,35 @@ def monitored(cfg: DictConfig, early_stop: Any, observers: list[Any]) -> list[tu
     return list(dict.fromkeys(watched))
 
 
+def unreported(cfg: DictConfig, key: str, name: str, task: str, evals: Iterable[str], finals: Iterable[str],
+               every_eval: bool) -> str | None:
+    """The line for the metric `name` that `key` watches when the task does not report it where needed (in each
+    evaluation's `evals`, or for monitor.metric also in final_metrics()' `finals`); None when it does. One rule:
+    the config check asks it of the declared metrics, the trainer of the reported ones."""
+    evals, finals = list(evals), list(finals)
+    choices = evals + ([] if every_eval else finals)
+    if name in choices:
+        return None
+    why = "reports it once, at the end, not at each evaluation" if name in finals else "does not report it"
+    reports = f"its evaluate() reports {', '.join(evals) or 'nothing'}" + \
+        (f" and final_metrics() {', '.join(finals)}" if finals else "")
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    fix = f"{f'did you mean {close[0]!r}? ' if close else ''}set {' or '.join(f'{key}={m}' for m in choices)} (the " \
+          "task's YAML or the command line)" if choices else ""
+    via = "".join(f" (from ${{{s}}})" for s in interpolated_from(cfg, key))
+    return f"{key}={name!r}{via}: the task {task} {why}; {reports}" + (f"; {fix}" if fix else "")
+
+
 def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bool]], evals: Mapping[str, Any],
                     finals: Mapping[str, Any] | None) -> None:
     """Every watched metric is among the evaluation's keys (or, for monitor.metric, final_metrics()'s: None while
     those are not known yet, which defers monitor.metric to the end when the task has final_metrics)."""
-    lines = []
-    for key, name, every_eval in watched:
-        if name in evals or (not every_eval and (name in (finals or {}) or
-                                                 (finals is None and overrides(task, "final_metrics")))):
-            continue
-        sources = interpolated_from(cfg, key)
-        via = "".join(f" (from ${{{s}}})" for s in sources)
-        reports = f"its evaluate() reports {', '.join(evals) or 'nothing'}"
-        if finals:
-            reports += f" and final_metrics() {', '.join(finals)}"
-        choices = list(evals) + ([] if every_eval else list(finals or {}))
-        fix = f"; set {sources[0] if sources else key}={_closest(name, choices)} (the task's YAML or the command " \
-              "line)" if choices else ""
-        lines.append(f"{key}={name!r}{via}: the task {task_name(task)} does not report it; {reports}{fix}")
-    if lines:
-        raise TaskError("the run watches a metric the task does not report:\n" + "\n".join(f"  {x}" for x in lines))
+    lines = [unreported(cfg, key, name, task_name(task), evals, finals or {}, every_eval)
+             for key, name, every_eval in watched if every_eval or finals is not None
+             or not overrides(task, "final_metrics")]
+    if any(lines):
+        raise TaskError("the run watches a metric the task does not report:\n" +
+                        "\n".join(f"  {x}" for x in lines if x))
 
 
 _INTERP = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")

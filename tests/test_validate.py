@@ -737,3 +737,14 @@ def test_a_users_task_states_its_own_rules(make):
         assert "task.batch_size=128: must be <= the training set (64 samples)" in problems(cfg)
     finally:
         del tests.toy.Picky
+
+
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_early_stopping_stops_after_the_evaluations_the_checker_counts(patience):
+    import torch
+
+    from trainer.early_stop import EarlyStopping
+
+    stop, model = EarlyStopping("loss", patience=patience, restore_best=False), torch.nn.Linear(1, 1)
+    stops = [stop.update({"loss": 1.0}, step, model) for step in range(10)]
+    assert EarlyStopping.evaluations_to_act(patience) == stops.index(True) + 1

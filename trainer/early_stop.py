@@ -17,7 +17,8 @@ class EarlyStopping:
     back into the model when training ends, for whatever reason it ends.
     """
 
-    metric_driven = True  # acts on evaluations: the config checker requires some during the run
+    # acts on evaluations (the config checker requires some): the first sets the best, then `patience` (>= 1) stop
+    evaluations_to_act = staticmethod(lambda patience: max(patience, 1) + 1)
 
     def __init__(self, monitor: str, mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  restore_best: bool = True) -> None:

@@ -166,3 +166,11 @@ def test_resume_through_the_scheduler_state_dict_equals_an_uninterrupted_run():
     opt3.load_state_dict(state["opt"])
     sched3.step(20)
     assert _run(range(20, 40), sched3, opt3, metrics) != rest
+
+
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_evaluations_to_act_is_when_the_lr_first_falls(patience):
+    """What the config checker's oddity counts on: without improvement, the first fall is at that evaluation."""
+    p = plateau(H, patience=patience)
+    falls = trace(p, [1.0] * 10).index(0.5) + 1
+    assert plateau.evaluations_to_act(patience) == falls
