@@ -1,6 +1,6 @@
 """The closed config groups (trainer, data, regularize, monitor, expect) typed once with pydantic, with their
-defaults (TrainerConfig's are the trainer group's, in Hydra's ConfigStore), durations parsed once, and the one
-`compose(overrides)` every tool uses."""
+defaults (the trainer, regularize and data groups' default options, in Hydra's ConfigStore), durations parsed
+once, and the one `compose(overrides)` every tool uses."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class TrainerConfig(Group):
 class DataConfig(Group):
     """Loading a map-style Dataset (the small built-in tasks keep their data on the device and ignore these)."""
 
-    root: str = Field("data", description="folder holding MNIST/raw/ and tinyshakespeare/")
+    root: str = Field("${oc.env:KILN_DATA_ROOT,data}", description="folder holding MNIST/raw/, tinyshakespeare/")
     download: Literal["auto"] | bool = Field("auto", description="auto: fetch when missing and the network allows")
     workers: int = Field(0, ge=0, description="DataLoader worker processes (0: in the training process)")
     pin_memory: Literal["auto"] | bool = Field("auto", description="page-locked batches (auto: on CUDA)")
@@ -113,12 +113,16 @@ class DataConfig(Group):
 
 
 class RegularizeConfig(Group):
-    dropout: Unit = 0.0
+    """Regularizers. Weight decay is applied by the optimizer (decoupled, e.g. AdamW) or as an L2 penalty in the loss
+    (coupled); biases, norm weights and embeddings are not decayed unless asked. Augmentation: regularize=augment_*."""
+
+    dropout: Unit = Field(0.0, description="one rate for the whole model")
     weight_decay: float = Field(0.0, ge=0)
-    weight_decay_mode: Literal["coupled", "decoupled"] = "decoupled"
+    weight_decay_mode: Literal["coupled", "decoupled"] = Field(
+        "decoupled", description="coupled: the L2 penalty (wd/2)*||p||^2 in the loss")
     decay_bias_and_norm: bool = False
-    decay_embeddings: bool = False
-    label_smoothing: Unit = 0.0
+    decay_embeddings: bool = Field(False, description="decay embedding tables (and a tied output head), as GPT-2")
+    label_smoothing: Unit = Field(0.0, description="classification tasks (cross-entropy)")
     loss_reduction: str = "mean"  # the names of regularize/loss_reduction.py's REDUCTIONS (checked there)
     augment: dict | None = None  # a `_target_` node, bound against its target's signature
 
@@ -152,7 +156,9 @@ class ExpectConfig(Group):
 
 GROUPS: dict[str, type[Group]] = {"trainer": TrainerConfig, "data": DataConfig, "regularize": RegularizeConfig,
                                   "monitor": MonitorConfig, "expect": ExpectConfig}
-ConfigStore.instance().store(group="trainer", name="default", node=TrainerConfig().model_dump())
+# the default options of these groups (conf/train.yaml's defaults list names them)
+for _group, _model in (("trainer", TrainerConfig), ("regularize", RegularizeConfig), ("data", DataConfig)):
+    ConfigStore.instance().store(group=_group, name="default", node=_model().model_dump())
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), hydra: bool = False, struct: bool = True) -> DictConfig:
