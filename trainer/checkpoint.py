@@ -80,9 +80,7 @@ class CheckpointDir:
         self.root, self.keep = Path(root), keep
 
     def step_files(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        files = [p for p in self.root.iterdir() if _STEP_FILE.search(p.name)]
+        files = [p for p in self.root.iterdir() if _STEP_FILE.search(p.name)] if self.root.is_dir() else []
         return sorted(files, key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
 
     def save(self, state: dict[str, Any], step: int) -> Path:
@@ -132,10 +130,9 @@ def resume_candidates(path: str | os.PathLike) -> list[Path]:
             return files[::-1]
         if (folder / "last.pt").is_file():
             return [folder / "last.pt"]
-    raise UserError(
-        f"trainer.resume={path}: no checkpoint found there (looked for a .pt file, or step-*.pt / last.pt in "
-        f"{p / 'checkpoints'} and {p}). Pass a run directory that has checkpoints, or a checkpoint file."
-    )
+    raise UserError(f"trainer.resume={path}: no checkpoint found there (looked for a .pt file, or step-*.pt / "
+                    f"last.pt in {p / 'checkpoints'} and {p}). Pass a run directory that has checkpoints, or a "
+                    "checkpoint file.")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", advice: bool = True) -> dict[str, Any]:

@@ -1,8 +1,6 @@
 """`trainer.dry_run=true`: print the composed config and the numbers the run would have, then exit (code 0).
 
-The parts are built as for training (trainer.build.build: data loads, the model is created), nothing is trained.
-The optimizer-state size is measured on a copy of the model with its own optimizer after one step on zero
-gradients (state is created lazily by most optimizers), so the real model and optimizer are left untouched.
+The parts are built as for training (data loads, the model is created); nothing is trained.
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
 
 
 def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
-    """Bytes of tensors in the optimizer's state_dict (all but its param_groups) after one step on zero gradients,
-    for a copy of `model`."""
+    """Bytes of tensors in the optimizer's state_dict (all but its param_groups) after one step on zero gradients
+    (most optimizers create state lazily), for a copy of `model`: the run's own model and optimizer stay untouched."""
     twin = copy.deepcopy(model)
     groups = config_param_groups(twin, cfg.regularize)
     opt = instantiate(cfg.optimizer)(groups)
@@ -54,7 +52,6 @@ def dry_run(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
     parts = build(cfg)
     h, t = parts.horizon, cfg.trainer
     warmup = cfg.schedule.get("warmup") if isinstance(cfg.schedule, DictConfig) else None
-    n_params = sum(p.numel() for p in parts.model.parameters())
     numbers: dict[str, Any] = {
         "device": str(parts.device),
         "precision": str(cfg.amp.dtype),
@@ -68,7 +65,7 @@ def dry_run(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
         "log_interval_steps": max(1, h.steps(t.log_interval)),
         "eval_interval_steps": h.steps(t.eval_interval),
         "checkpoint_interval_steps": h.steps(t.checkpoint_interval),
-        "parameters": int(n_params),
+        "parameters": int(sum(p.numel() for p in parts.model.parameters())),
         "trainable_parameters": int(sum(p.numel() for p in parts.model.parameters() if p.requires_grad)),
         "parameter_bytes": int(sum(p.numel() * p.element_size() for p in parts.model.parameters())),
         "optimizer": type(parts.optimizer).__name__,

@@ -7,6 +7,7 @@ changes applied). Replay reads it to start from the same bytes the original did.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.checkpoint import keep_copy
 from trainer.provenance import config_sources
 
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "tensorboard", "rich", "numpy")
@@ -45,10 +47,11 @@ def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device
 
     `resumed`: what Trainer.resume returned; `continuing`: the checkpoint lies in this run directory (the same run
     goes on), as opposed to a new run started from another run's checkpoint."""
-    from trainer.checkpoint import keep_copy
-
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = _read_manifest(run_dir) if continuing else {}
+    previous: dict[str, Any] = {}
+    if continuing:  # an unreadable manifest: the run's identity starts anew
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            previous = json.loads((run_dir / "manifest.json").read_text())
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     versions = {}
@@ -92,10 +95,3 @@ def write_run_files(run_dir: Path, cfg: DictConfig, overrides: list[str], device
         manifest["first_command"] = previous.get("first_command", previous["command"])
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return run_id
-
-
-def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -1,10 +1,7 @@
 """The run's state: what a checkpoint holds, how a resume loads it, and what a resume may change.
 
-A resume compares the checkpoint's resolved config with the resuming one key by key. A change that breaks exactness
-(task, model, optimizer type, seed, precision, gradient transforms, strategy) is refused, every such key named,
-unless trainer.resume_allow_changes=true (a new optimizer type then starts from fresh state); another task is refused
-always; other data (Task.data_fingerprint) unless trainer.resume_allow_data_changes=true. Legitimate changes (run
-length, intervals, optimizer hyperparameters, the schedule, early stopping, the device) are applied.
+A resume compares the checkpoint's config with the resuming one key by key: changes that break an exact continuation
+are refused unless allowed, legitimate ones (run length, hyperparameters, the schedule...) applied. See DESIGN.md.
 """
 
 from __future__ import annotations
@@ -35,8 +32,8 @@ LEGITIMATE = (
     "trainer.grad_accum", "data.*", "optimizer.*", "schedule.*", "early_stop.*", "regularize.weight_decay", "expect.*",
     "monitor.*", "clip.*",
 )
-BREAKING = ("*._target_", "optimizer._target_", "optimizer.*._target_", "clip.*._target_")
-RETARGETABLE = ("schedule._target_", "early_stop._target_", "early_stop")
+BREAKING = ("*._target_",)  # fnmatch * crosses dots: every _target_ at any depth
+RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*")
 RUNNING_GROUP_KEYS = {"initial_lr", "lookahead_step", "loss_ema"}
 
 
@@ -62,12 +59,6 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def is_legitimate(key: str) -> bool:
-    if _matches(key, RETARGETABLE) or key.startswith("early_stop."):
-        return True
-    return _matches(key, LEGITIMATE) and not _matches(key, BREAKING)
-
-
 def _refused(source: str, why: str, diff: Mapping[str, tuple[Any, Any]], fix: str) -> ConfigError:
     def fmt(v: Any) -> str:
         return "(absent)" if v is None else repr(v) if isinstance(v, str) else str(v)
@@ -80,12 +71,13 @@ def check_changes(old: Mapping, new: Mapping, source: str, allow: bool) -> dict[
     """Every change between a checkpoint's config and the resuming one; raises for another task, and for changes that
     break exactness unless `allow`."""
     changes = config_changes(old, new)
-    old_task, new_task = flatten(old).get("task._target_"), flatten(new).get("task._target_")
-    if old_task != new_task:
-        raise UserError(f"trainer.resume={source}: that checkpoint belongs to another task ({old_task}); this run "
-                        f"is {new_task}. Resume a checkpoint of the same task, or start a fresh run without "
+    if "task._target_" in changes:
+        old_task, new_task = changes["task._target_"]
+        raise UserError(f"trainer.resume={source}: that checkpoint belongs to another task ({old_task}); this "
+                        f"run is {new_task}. Resume a checkpoint of the same task, or start a fresh run without "
                         "trainer.resume.")
-    breaking = {k: v for k, v in changes.items() if not is_legitimate(k)}
+    breaking = {k: v for k, v in changes.items()
+                if not (_matches(k, RETARGETABLE) or (_matches(k, LEGITIMATE) and not _matches(k, BREAKING)))}
     if breaking and not allow:
         raise _refused(source, "the checkpoint was written with a different config, and these changes break an exact "
                        "continuation (task, model, optimizer type, seed, data order)", breaking,
@@ -104,23 +96,6 @@ def check_data(old: Mapping | None, new: Mapping, source: str, allow: bool) -> d
                        "data sets)", changed, "Resume with the data the run started with, start a fresh run, or add "
                        "trainer.resume_allow_data_changes=true to continue on these data on purpose.")
     return {f"data:{k}": v for k, v in changed.items()}
-
-
-def optimizer_type_changed(changes: Mapping[str, tuple[Any, Any]]) -> bool:
-    return any(k == "optimizer._target_" or (k.startswith("optimizer.") and k.endswith("._target_")) for k in changes)
-
-
-def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """The optimizer's param-group settings as the config built them (before any state is loaded)."""
-    return [{k: v for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor)}
-            for g in optimizer.param_groups]
-
-
-def reapply_hyperparameters(optimizer: torch.optim.Optimizer, fresh: list[dict[str, Any]]) -> None:
-    """After load_state_dict (which restores the old groups' lr, betas, weight decay...), the new config's settings;
-    entries the optimizer keeps as running state are left alone."""
-    for group, want in zip(optimizer.param_groups, fresh):
-        group.update({k: v for k, v in want.items() if k not in RUNNING_GROUP_KEYS})
 
 
 class Clock:
@@ -178,9 +153,12 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
     """Restore a checkpoint into Trainer `tr`. `changes` (config key -> (old, new)) are the resume's accepted config
     changes: hyperparameters and the schedule follow the new config; a new optimizer type starts from fresh state."""
     p, changes = tr.p, changes or {}
-    fresh, fresh_base_lrs = group_hyperparameters(p.optimizer), list(p.scheduler.base_lrs)
+    # the param-group settings as this config built them, before load_state_dict restores the old ones
+    fresh = [{k: v for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor)}
+             for g in p.optimizer.param_groups]
+    fresh_base_lrs = list(p.scheduler.base_lrs)
     p.model.load_state_dict(state["model"])
-    if optimizer_type_changed(changes):
+    if any(k.startswith("optimizer.") and k.endswith("._target_") for k in changes):
         if p.dist.is_main:
             print_warning("the optimizer's type changed on resume: it starts from fresh optimizer state "
                           "(the model weights, the step and the schedule continue).")
@@ -188,7 +166,8 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
         p.optimizer.load_state_dict(state["optimizer"])
     p.scheduler.load_state_dict(state["scheduler"])
     if changes:  # the new config's lr, betas, weight decay..., base LRs and horizon from here on
-        reapply_hyperparameters(p.optimizer, fresh)
+        for group, want in zip(p.optimizer.param_groups, fresh):
+            group.update({k: v for k, v in want.items() if k not in RUNNING_GROUP_KEYS})
         p.scheduler.rebase(fresh_base_lrs)
     if p.scaler and state["scaler"]:
         p.scaler.load_state_dict(state["scaler"])
