@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
+from core.batches import usable_cores
 from core.errors import ConfigError, UserError
 from core.log import print_error
 from experiments.compare import probe as probing
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print_error("\n".join(bad))
         return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     threads = max(1, cores // args.jobs)
     command = ["python", "-m", "experiments.compare", *argv]
     try:
