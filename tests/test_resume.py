@@ -10,6 +10,7 @@ import math
 import signal
 
 import pytest
+import torch
 
 from core.errors import ConfigError, UserError
 from tests.test_loop import line_cfg
@@ -212,3 +213,17 @@ def test_a_truncated_newest_checkpoint_is_a_warning_and_the_run_goes_on(tmp_path
     assert not any(line.startswith("error") for line in err.splitlines())
     assert err.startswith(f"warning: checkpoint {newest} could not be read (")
     assert "Resuming from the previous one, step-00000006.pt (step 6)" in err
+
+
+def test_a_checkpoint_of_an_earlier_kiln_is_refused_with_the_reason(tmp_path):
+    """A checkpoint written before kiln's own scheduler holds torch LambdaLR's state: the resume stops with one
+    paragraph that says why and what to do, not a KeyError."""
+    cfg = toy("trainer.max_steps=2", "trainer.checkpoint_interval=2")
+    run(cfg, tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000002.pt"
+
+    state = torch.load(ckpt, weights_only=False)
+    state["scheduler"] = {"base_lrs": [0.1], "last_epoch": 2, "_step_count": 3, "_last_lr": [0.1], "lr_lambdas": [None]}
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match=r"written by an earlier kiln \(its schedule state is torch's LambdaLR\)"):
+        run(toy("trainer.max_steps=4", "trainer.checkpoint_interval=2", f"trainer.resume={ckpt}"), tmp_path / "b")

@@ -209,6 +209,10 @@ def resume(tr: Any, path: str | Path) -> dict[str, Any]:
             raise UserError(f"trainer.resume={path}: {ckpt} holds only model weights (best.pt keeps the best "
                             "evaluation's weights), not a training state. Resume from a step-*.pt checkpoint "
                             "or a run directory.")
+        if "schedule" not in state["scheduler"]:  # torch LambdaLR's state, from before kiln's own Scheduler
+            raise UserError(f"trainer.resume={path}: {ckpt} was written by an earlier kiln (its schedule state is "
+                            "torch's LambdaLR): this version cannot continue it. Start a fresh run, or resume with "
+                            "the kiln that wrote it (the run's manifest.json names its git commit).")
         t, new = p.cfg.trainer, OmegaConf.to_container(p.cfg, resolve=True)
         changes = check_changes(state.get("config", {}), new, str(path), allow=t.resume_allow_changes)
         changes.update(check_data(state.get("data"), tr.data, str(path), allow=t.resume_allow_data_changes))
