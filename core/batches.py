@@ -154,9 +154,9 @@ def split_problem(batch_size: int, grad_accum: int, world: int = 1) -> str | Non
     """Why the global batch cannot be split into `world` ranks x `grad_accum` equal micro-batches (None: it can)."""
     if batch_size % (grad_accum * world) == 0:
         return None
-    ranks = f"{world} DDP ranks x " if world > 1 else ""
-    return (f"trainer.grad_accum={grad_accum}: {ranks}grad_accum must divide task.batch_size={batch_size} (each "
-            "optimizer batch is split into equal micro-batches)")
+    what = f"{world} DDP ranks x grad_accum must divide" if world > 1 else "must divide"
+    return (f"trainer.grad_accum={grad_accum}: {what} task.batch_size={batch_size} (each optimizer batch is split "
+            "into equal micro-batches)")
 
 
 def usable_cores() -> int:

@@ -20,6 +20,18 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 _IMAGE = (28, 28)
 MNIST_TRAIN = 60000  # training images (the config checker derives steps per epoch from it)
 _SETS = {"train": ("training set", MNIST_TRAIN), "t10k": ("test set", 10000)}
+
+
+def mnist_train_size(val_size: object) -> int | None:
+    """The MNIST training images left after a validation split of `val_size` (None: not a valid split)."""
+    return MNIST_TRAIN - val_size if isinstance(val_size, int) and 0 <= val_size < MNIST_TRAIN else None
+
+
+def val_size_problems(val_size: object, smallest: int, why: str) -> list[str]:
+    """task.val_size's rule for an MNIST task: an int in [smallest, MNIST_TRAIN - 1]."""
+    if isinstance(val_size, int) and not isinstance(val_size, bool) and smallest <= val_size < MNIST_TRAIN:
+        return []
+    return [f"task.val_size={val_size!r}: must be an int in [{smallest}, {MNIST_TRAIN - 1}] ({why})"]
 _IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.task import Task
-from tasks.data import MNIST_TRAIN, load_mnist
+from tasks.data import load_mnist, mnist_train_size, val_size_problems
 from tasks.norm import norm_layer
 
 NormFactory = Callable[..., nn.Module]
@@ -53,15 +53,11 @@ class MnistCNN(Task):
 
     @classmethod
     def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
-        val = task["val_size"]
-        return MNIST_TRAIN - val if isinstance(val, int) and 0 <= val < MNIST_TRAIN else None
+        return mnist_train_size(task["val_size"])
 
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
-        val = task["val_size"]
-        bad = not isinstance(val, int) or isinstance(val, bool) or not 1 <= val < MNIST_TRAIN
-        why = f"task.val_size={val!r}: must be an int in [1, {MNIST_TRAIN - 1}] (the CNN evaluates on that split)"
-        return super().check(task) + [why] * bad
+        return super().check(task) + val_size_problems(task["val_size"], 1, "the CNN evaluates on that split")
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, norm: NormFactory | None = None,

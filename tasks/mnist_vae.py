@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core import figures
 from core.task import Task
-from tasks.data import MNIST_TRAIN, holdout_split, load_mnist
+from tasks.data import holdout_split, load_mnist, mnist_train_size, val_size_problems
 from tasks.norm import norm_layer
 
 NormFactory = Callable[[int], nn.Module]
@@ -84,15 +84,11 @@ class MnistVAE(Task):
 
     @classmethod
     def train_size_of(cls, task: Mapping[str, Any]) -> int | None:
-        val = task["val_size"]
-        return MNIST_TRAIN - val if isinstance(val, int) and 0 <= val < MNIST_TRAIN else None
+        return mnist_train_size(task["val_size"])
 
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
-        val = task["val_size"]
-        bad = not isinstance(val, int) or isinstance(val, bool) or not 0 <= val < MNIST_TRAIN
-        why = f"task.val_size={val!r}: must be an int in [0, {MNIST_TRAIN - 1}] (0: no validation split)"
-        return super().check(task) + [why] * bad
+        return super().check(task) + val_size_problems(task["val_size"], 0, "0: no validation split")
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, hidden: int = 400, latent: int = 20,

@@ -155,8 +155,10 @@ def test_every_task_monitors_a_validation_metric():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("task.val_size=0",), "monitor.metric='val_loss': task.val_size=0 leaves no validation split"),
-    (("task=mnist_cnn", "task.val_size=0"), "task.val_size=0: the CNN evaluates on its validation split"),
+    (("task.val_size=0",), "monitor.metric='val_loss': the task tasks.mnist_vae.MnistVAE does not report it; its "
+                           "evaluate() reports test_loss; set monitor.metric=test_loss"),
+    (("task=mnist_cnn", "task.val_size=0"), "task.val_size=0: must be an int in [1, 59999] (the CNN evaluates on "
+                                            "that split)"),
 ])
 def test_no_validation_split_with_a_validation_monitor_is_a_config_error(overrides, message):
     from config import validate

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, compose_cfg, need_data
+from tests.toy import InfiniteGradient
 from trainer.build import build
 from trainer.loop import Trainer
 
@@ -109,16 +110,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # -- parts tweaks: faults injected through the task's loss (the task protocol), counted on the host -----------------
-class _InfiniteGradient(torch.autograd.Function):
-    """Identity forward, infinite gradient backward: a finite loss whose gradient overflows at any loss scale."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(grad, float("inf"))
 
 
 def poison_loss(calls: set[int], how: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -140,7 +131,7 @@ def poison_loss(calls: set[int], how: Callable[[torch.Tensor], torch.Tensor]) ->
 
 
 def overflow_at(calls: set[int]) -> Callable:
-    return poison_loss(calls, _InfiniteGradient.apply)
+    return poison_loss(calls, InfiniteGradient.apply)
 
 
 def nan_at(call: int) -> Callable:
