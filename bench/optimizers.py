@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.config import compose  # noqa: E402
+from optim.core import state_bytes  # noqa: E402
 from optim.param_groups import param_groups  # noqa: E402
 
 D, VOCAB, CONTEXT = 384, 65, 256
@@ -76,22 +77,6 @@ def compose_optimizer(name: str) -> Any:
     cfg = compose([f"optimizer={name}", "regularize.weight_decay=0.1"])
     OmegaConf.resolve(cfg)
     return cfg.optimizer
-
-
-def state_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of every tensor reachable through dicts, lists and tuples (each storage counted once)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr()
-        if key in seen or obj.device.type == "meta":
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(state_bytes(v, seen) for v in obj)
-    return 0
 
 
 class Runner:

@@ -14,9 +14,6 @@ The loop asks `batches(step)` for the grad_accum micro-batches of this rank's sh
 
 DataLoading holds the data.* options (workers, pin_memory, prefetch, persistent_workers) and also gives tasks an
 ordered loader for evaluation (`task.loading.ordered(dataset, batch_size)`).
-
-Seeds are derived with numpy's SeedSequence (well-mixed 64-bit words from (seed, step)); torch's own worker seeding
-(`base_seed + worker_id`) depends on which worker loads a sample, which is what this module avoids.
 """
 
 from __future__ import annotations
@@ -36,22 +33,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from core.errors import ConfigError, UserError
 from core.log import print_warning
+from core.rng import EVAL_STREAM, sample_seeds, seed_host
 from core.task import Task
-
-TRAIN_STREAM, EVAL_STREAM = 0, 1  # independent seed streams for training batches and ordered (evaluation) loading
-
-
-def sample_seeds(seed: int, step: int, n: int, stream: int = TRAIN_STREAM) -> list[int]:
-    """One 64-bit seed per position of a batch of n samples: a pure function of (seed, step, position)."""
-    words = np.random.SeedSequence([seed, step], spawn_key=(stream,)).generate_state(n, np.uint64)
-    return words.tolist()
-
-
-def _seed_all(seed: int) -> None:
-    """Seed every generator a transform may draw from: torch's CPU generator, Python's and numpy's."""
-    torch.default_generator.manual_seed(seed)  # CPU only (torch.manual_seed would also touch every GPU: ~1 ms)
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
 
 
 class Failed:
@@ -87,7 +70,7 @@ class SeededSamples(Dataset):
         try:
             samples = []
             for index, seed in keys:
-                _seed_all(seed)
+                seed_host(seed)
                 samples.append(self.dataset[index])
             return samples
         except UserError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -60,7 +61,7 @@ PositiveDuration = Annotated[StrictInt | StrictFloat | StrictStr, AfterValidator
                              Allowed("a positive duration: " + DURATION_WORDS)]
 Unit = Annotated[float, Field(ge=0, lt=1)]  # [0, 1): dropout, label smoothing
 # trainer.seed: torch generators take seeds in [-2**63, 2**64), and the samplers seed theirs with
-# seed * 1000003 + step (core/sampler.py), which must stay below 2**64: 2**44 - 1 leaves 8e17 steps.
+# core/rng.step_seed(seed, step) = seed * 1000003 + step, which must stay below 2**64: 2**44 - 1 leaves 8e17 steps.
 SEED_MAX = 2**44 - 1
 
 
@@ -169,3 +170,15 @@ def compose(overrides: list[str] | tuple[str, ...] = (), hydra: bool = False, st
         cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=hydra)
     OmegaConf.set_struct(cfg, struct)
     return cfg
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} for every leaf; lists are leaves."""
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            return {prefix: {}}
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}

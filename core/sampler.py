@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from core.rng import step_seed
+
 
 class EpochSampler:
     """Shuffled epochs without replacement; incomplete final batches are dropped so every step has one shape."""
@@ -25,7 +27,7 @@ class EpochSampler:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch))
             self._perm = torch.randperm(self.num_samples, generator=g).to(self.device)
             self._epoch = epoch
         return self._perm
@@ -48,7 +50,7 @@ class RandomSampler:
         self._gen = torch.Generator(device=device)
 
     def indices(self, step: int) -> torch.Tensor:
-        self._gen.manual_seed(self.seed * 1_000_003 + step)  # host-side: no device synchronisation
+        self._gen.manual_seed(step_seed(self.seed, step))  # host-side: no device synchronisation
         return torch.randint(self.num_samples, (self.batch_size,), generator=self._gen, device=self.device)
 
 

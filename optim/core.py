@@ -6,6 +6,7 @@
 * `closure_loss`: the loss of step(closure), evaluated with gradients enabled (step runs under no_grad).
 * `groups_with_grads`: each param group with its parameters that have a gradient; groups where none has one
   are skipped.
+* `state_bytes`: the memory an optimizer's state holds (the dry run and bench/optimizers.py report it).
 
 Adam-specific checks and math stay in optim/adam_core.py.
 """
@@ -74,3 +75,20 @@ def groups_with_grads(optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[s
         params = [p for p in group["params"] if p.grad is not None]
         if params:
             yield group, params
+
+
+def state_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable through dicts, lists and tuples of a state_dict, each storage counted once;
+    `param_groups` (hyperparameters, not state; a wrapper nests whole state_dicts, e.g. Muon's halves) left out."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v, seen) for k, v in obj.items() if k != "param_groups")
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v, seen) for v in obj)
+    return 0

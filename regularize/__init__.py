@@ -1,1 +1,2 @@
-"""Regularizers: loss aggregation, weight decay modes, augmentation (dropout rates live in the models)."""
+"""Regularizers: loss aggregation, weight decay modes, augmentation, early stopping (dropout rates live in the
+models)."""

@@ -105,7 +105,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(tmp_path):
 def test_early_stopping_min_delta_and_max_mode(tmp_path):
     from torch import nn
 
-    from trainer.early_stop import EarlyStopping
+    from regularize.early_stop import EarlyStopping
 
     model = nn.Linear(1, 1)
     es = EarlyStopping(monitor="acc", mode="max", patience=2, min_delta=0.01)

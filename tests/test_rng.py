@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from core.log import NullLogger
+from core.rng import rng_state, seed_everything, set_rng_state
 from tests.test_loop import line_cfg
 from trainer.build import build
 from trainer.loop import Trainer
-from trainer.rng import rng_state, seed_everything, set_rng_state
 
 
 @pytest.fixture

@@ -211,7 +211,7 @@ def test_one_rank_ddp_equals_the_single_process_bit_for_bit(tmp_path, monkeypatc
 
 
 def test_ranks_above_0_get_their_own_streams():
-    from trainer.rng import rank_seed
+    from core.rng import rank_seed
 
     assert rank_seed(7, 0) is None  # rank 0 is not reseeded: it draws what a single process draws
     seeds = {rank_seed(seed, rank) for seed in range(8) for rank in range(1, 8)}

@@ -89,7 +89,7 @@ BAD = [
     ("early_stop=on early_stop.mode=up", "early_stop.mode='up': must be one of min, max; "
      "the default is early_stop.mode='min'"),
     ("early_stop=on trainer.eval_interval=0", "trainer.eval_interval=0: early stopping needs evaluations"),
-    ("early_stop=on +early_stop.patiense=2", "early_stop.patiense=2: unknown key for trainer.early_stop."
+    ("early_stop=on +early_stop.patiense=2", "early_stop.patiense=2: unknown key for regularize.early_stop."
                                              "EarlyStopping; did you mean 'patience'?"),
     ("monitor.mode=maximum", "monitor.mode='maximum': must be one of min, max"),
     # schedule
@@ -440,8 +440,8 @@ def test_the_seed_limit_is_what_every_generator_accepts():
     from pydantic import ValidationError
 
     from core.config import SEED_MAX, TrainerConfig
+    from core.rng import seed_everything
     from core.sampler import EpochSampler, RandomSampler
-    from trainer.rng import seed_everything
 
     for seed in (0, SEED_MAX):
         TrainerConfig(seed=seed)
@@ -743,7 +743,7 @@ def test_a_users_task_states_its_own_rules(make):
 def test_early_stopping_stops_after_the_evaluations_the_checker_counts(patience):
     import torch
 
-    from trainer.early_stop import EarlyStopping
+    from regularize.early_stop import EarlyStopping
 
     stop, model = EarlyStopping("loss", patience=patience, restore_best=False), torch.nn.Linear(1, 1)
     stops = [stop.update({"loss": 1.0}, step, model) for step in range(10)]

@@ -15,16 +15,16 @@ from core import protocol
 from core.batches import DataLoading, DeviceBatches, LoaderBatches, make_batches, sampler_device, split_problem
 from core.errors import ConfigError
 from core.log import print_warning
+from core.rng import rank_seed, seed_everything
 from core.sampler import SAMPLERS, EpochSampler, RandomSampler
 from core.task import Task
 from optim.param_groups import config_param_groups
 from optim.transforms import Chain
+from regularize.early_stop import EarlyStopping
 from regularize.weight_decay import coupled_weight_decay
 from schedules import Horizon, Scheduler
 from trainer import distributed
 from trainer.device import resolve_device, set_threads
-from trainer.early_stop import EarlyStopping
-from trainer.rng import rank_seed, seed_everything
 
 
 def _build(node: DictConfig, key: str, *args: Any) -> Any:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
 
 import torch
 
@@ -67,12 +65,3 @@ def set_threads(n: int | None) -> int:
         torch.set_num_threads(n)
     return previous
 
-
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """set_threads(n) for the duration of the block, then the count before it."""
-    previous = set_threads(n)
-    try:
-        yield
-    finally:
-        set_threads(previous)

@@ -14,21 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from optim.core import state_bytes
 from optim.param_groups import config_param_groups
 from trainer.build import build
-
-
-def _tensor_bytes(obj: Any, seen: set[int]) -> int:
-    if isinstance(obj, torch.Tensor):
-        if id(obj) in seen:
-            return 0
-        seen.add(id(obj))
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):  # hyperparameters are not state (a wrapper nests whole state_dicts, e.g. Muon's halves)
-        return sum(_tensor_bytes(v, seen) for k, v in obj.items() if k != "param_groups")
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return 0
 
 
 def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
@@ -43,7 +31,7 @@ def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
     kwargs = {"loss": torch.zeros((), device=next(twin.parameters()).device)} \
         if getattr(opt, "requires_loss", False) else {}
     opt.step(**kwargs)
-    return _tensor_bytes(opt.state_dict(), set())
+    return state_bytes(opt.state_dict())
 
 
 def dry_run(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:

@@ -19,12 +19,12 @@ import torch
 from core import protocol
 from core.errors import BadSampleError
 from core.log import RunLogger
+from core.rng import fork_rng
 from regularize.loss_reduction import REDUCTIONS
 from trainer import state
 from trainer.build import Parts
 from trainer.checkpoint import CheckpointDir
 from trainer.nonfinite import REDO, STEP, NonFinite
-from trainer.rng import fork_rng
 from trainer.signals import Interrupted, resume_command
 
 
@@ -94,7 +94,7 @@ class Trainer:
                     self.save()
                 if self.signal is not None:
                     guard.check()
-                    self._interrupted()
+                    self._stop_if_signalled()
             guard.check()
             return self._finish(log)
         except BadSampleError as e:  # a broken file met mid-run: fixed, the run resumes from its last checkpoint
@@ -209,10 +209,9 @@ class Trainer:
         with self.clock.paused():
             self.guard.check_params(self.params, self.step)
             metrics = self.last_metrics if self.last_eval_step == self.step else self._evaluate(log)
-            if self.signal is not None:
-                self._interrupted(" during the final evaluation")
+            self._stop_if_signalled(" during the final evaluation")
             saved = self.save() if not self.ckpt_every or self.step % self.ckpt_every else self.last_checkpoint
-            self._stop_if_signalled(saved, "final_metrics.json is not written yet")
+            self._stop_if_signalled(saved=saved, left="final_metrics.json is not written yet")
             final = {"step": self.step, "epoch": round(self.step / p.sampler.steps_per_epoch, 4)}
             if p.early_stop and p.early_stop.restore(p.model):
                 final["restored_best_step"] = p.early_stop.best_step
@@ -223,7 +222,7 @@ class Trainer:
             tests = self._eval_metrics(p.task.final_metrics, "final_metrics()")  # e.g. the test set, scored once
             final.update({**metrics, **tests})
             self._check_monitored(metrics, tests)
-            self._stop_if_signalled(saved, "final_metrics.json is not written yet")
+            self._stop_if_signalled(saved=saved, left="final_metrics.json is not written yet")
         final.update({"wall_time_s": round(self.clock.wall(), 2), "session_wall_time_s": round(self.clock.session(), 2),
                       "train_time_s": round(train_time, 3), "stop_reason": self.stop_reason or "max steps reached"})
         final.update({f"skipped_{k}": v for k, v in self.guard.counts().items()})
@@ -232,7 +231,7 @@ class Trainer:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
             if p.cfg.trainer.pictures:
                 p.task.save_pictures(p.model, self.run_dir / "pictures")
-        self._stop_if_signalled(saved, "final_metrics.json is written; pictures/ may be incomplete")
+        self._stop_if_signalled(saved=saved, left="final_metrics.json is written; pictures/ may be incomplete")
         return final
 
     def save(self) -> Path | None:
@@ -255,22 +254,18 @@ class Trainer:
                 if param.grad is not None:
                     log.writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), self.step)
 
-    def _interrupted(self, where: str = "") -> None:
-        """After a SIGTERM / SIGINT: a checkpoint of this step, then Interrupted with the command that resumes."""
-        path = self.save()
-        self.p.dist.barrier()
-        raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{where}; checkpoint "
-                          f"{path or self.run_dir}. Resume with:\n  {resume_command(self.run_dir)}", self.signal)
-
-    def _stop_if_signalled(self, saved: Path | None, what: str) -> None:
-        """A signal after the final checkpoint was written: the run's training is complete; say what is left."""
+    def _stop_if_signalled(self, where: str = "", saved: Path | None = None, left: str = "") -> None:
+        """After a SIGTERM / SIGINT: a checkpoint of this step (unless the run's final one is `saved` and `left` says
+        what is left to do), then Interrupted with the command that resumes."""
         if self.signal is None:
             return
+        path = saved if left else self.save()
         self.p.dist.barrier()
-        raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}, after the run's final "
-                          f"checkpoint {saved or self.checkpoints.root}: its training is complete and {what}. "
-                          f"Resume with (it trains no further; it evaluates and writes the final metrics and "
-                          f"pictures):\n  {resume_command(self.run_dir)}", self.signal)
+        said = (f", after the run's final checkpoint {path or self.checkpoints.root}: its training is complete and "
+                f"{left}. Resume with (it trains no further; it evaluates and writes the final metrics and pictures)"
+                if left else f"{where}; checkpoint {path or self.run_dir}. Resume with")
+        raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{said}:\n  "
+                          f"{resume_command(self.run_dir)}", self.signal)
 
     def resume_hint(self, once: str = "") -> str:
         """Where a run stopped without a checkpoint of its step continues from (`once`: what must happen first)."""

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.provenance import config_sources
 from trainer.checkpoint import keep_copy
-from trainer.provenance import config_sources
 
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "tensorboard", "rich", "numpy")
 

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from core.config import flatten
 from core.errors import ConfigError, UserError
 from core.log import print_warning
+from core.rng import rng_state, set_rng_state, step_seed
 from trainer.checkpoint import file_digest, load_checkpoint, resume_candidates
-from trainer.rng import rng_state, set_rng_state
 
 # Keys that may change on resume (fnmatch patterns on the dotted key), except BREAKING ones. RETARGETABLE: changes
 # that still apply to a target whose type changed. RUNNING_GROUP_KEYS: param-group entries an optimizer updates as it
@@ -35,18 +36,6 @@ LEGITIMATE = (
 BREAKING = ("*._target_",)  # fnmatch * crosses dots: every _target_ at any depth
 RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*")
 RUNNING_GROUP_KEYS = {"initial_lr", "lookahead_step", "loss_ema"}
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b': value} for every leaf; lists are leaves."""
-    if isinstance(tree, Mapping):
-        if not tree and prefix:
-            return {prefix: {}}
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
 
 
 def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
@@ -180,7 +169,7 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
     else:
         set_rng_state(state["rng"])
         if p.dist.enabled:
-            torch.manual_seed(p.cfg.trainer.seed * 1_000_003 + state["step"] * 1_009 + p.dist.rank)
+            torch.manual_seed(step_seed(p.cfg.trainer.seed, state["step"] * 1_009 + p.dist.rank))
     tr.step = state["step"]
     loop = state["loop"]
     tr.loss_sum = loop["loss_sum"].to(p.device)

@@ -22,9 +22,8 @@ from omegaconf import open_dict
 
 from config import validate
 from experiments.compare.plan import ROOT, Option, Plan
-from experiments.compare.runs import output_to
+from experiments.compare.runs import output_to, thread_count
 from trainer.build import build
-from trainer.device import threads as thread_count
 from trainer.run import run
 
 SHORT, LONG = 10, 50

@@ -36,8 +36,18 @@ from rich.console import Console
 from core.errors import UserError
 from experiments.compare.plan import Option, Plan
 from experiments.sweep import Ledger, job_key, key_hash, run_job
-from trainer.device import threads as thread_count
+from trainer.device import set_threads
 from trainer.run import main as run_main
+
+
+@contextlib.contextmanager
+def thread_count(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to n for the duration of the block (None: left as it is)."""
+    previous = set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(previous)
 
 
 class Interrupted(UserError):

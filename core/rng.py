@@ -1,7 +1,10 @@
-"""Seeding and capturing every random number generator a run touches, so resume is exact.
+"""Every seed a run derives, and capturing every random number generator it touches, so resume is exact.
 
-`torch.manual_seed` seeds the CPU generator and every accelerator's (CUDA, MPS); so each of them is saved in a
-checkpoint and forked around an evaluation, which reseeds them.
+Seeds are pure functions of (seed, step, ...): the samplers' (step_seed), each sample's (sample_seeds: numpy's
+SeedSequence, well-mixed 64-bit words; torch's own worker seeding, `base_seed + worker_id`, would depend on which
+worker loads a sample) and each DDP rank's (rank_seed). `torch.manual_seed` seeds the CPU generator and every
+accelerator's (CUDA, MPS); so each of them is saved in a checkpoint and forked around an evaluation, which reseeds
+them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,25 @@ from typing import Any
 
 import numpy as np
 import torch
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # independent seed streams for training batches and ordered (evaluation) loading
+
+
+def step_seed(seed: int, n: int) -> int:
+    """The seed of a sampler's generator at step (or epoch) n; below 2**64 for every seed core/config.py allows."""
+    return seed * 1_000_003 + n
+
+
+def sample_seeds(seed: int, step: int, n: int, stream: int = TRAIN_STREAM) -> list[int]:
+    """One 64-bit seed per position of a batch of n samples: a pure function of (seed, step, position)."""
+    return np.random.SeedSequence([seed, step], spawn_key=(stream,)).generate_state(n, np.uint64).tolist()
+
+
+def seed_host(seed: int) -> None:
+    """Seed every generator a sample transform may draw from: torch's CPU generator, Python's and numpy's."""
+    torch.default_generator.manual_seed(seed)  # CPU only (torch.manual_seed would also touch every GPU: ~1 ms)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
 
 
 def seed_everything(seed: int) -> None:

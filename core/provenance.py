@@ -9,15 +9,12 @@ config cannot have come from these overrides alone (a program built or edited it
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import compose
-from trainer.state import flatten
+from core.config import CONF, compose, flatten
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = CONF / "recipe"
 ORDER = ("conf/<group>/<option>.yaml < recipes/<recipe>.yaml and recipes/<recipe>/<group>/<option>.yaml "
          "(the chosen options only) < sweep preset < command line")
