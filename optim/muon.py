@@ -6,11 +6,11 @@ Muon orthogonalizes the (Nesterov) momentum of a 2-D weight with a quintic Newto
     B <- mu*B + g;   O = NS5(g + mu*B)  (nesterov) or NS5(B);   p <- p*(1 - lr*wd) - lr*s*O
 
 It is defined for the weight matrices of hidden layers only. This optimizer splits the param groups it is
-given (optim/split.py, shared with SOAP and Shampoo): every 2-D parameter whose role (optim/param_groups.py) is "hidden", or that was never tagged, goes to
-the Muon half (torch.optim.Muon's rule); everything else goes to torch.optim.AdamW: biases, norm
-weights, scalars, embeddings, the output head (a module marked `is_output_head = True`, else the model's last
-nn.Linear) and >2-D tensors such as conv filters (torch's Muon takes 2-D only). A group may force its 2-D
-params with `use_muon: True/False`.
+given (optim/split.py, shared with SOAP and Shampoo): every 2-D parameter whose role (optim/param_groups.py) is
+"hidden", or that was never tagged, goes to the Muon half (torch.optim.Muon's rule); everything else goes to
+torch.optim.AdamW: biases, norm weights, scalars, embeddings, the output head (a module marked
+`is_output_head = True`, else the model's last nn.Linear) and >2-D tensors such as conv filters (torch's Muon
+takes 2-D only). A group may force its 2-D params with `use_muon: True/False`.
 
 With adjust_lr_fn="match_rms_adamw" (default; the paper's rule s = 0.2*sqrt(max(rows, cols))) Muon's update
 has AdamW's RMS, so both halves share one lr and one weight decay, as in the paper; the AdamW half uses
