@@ -15,7 +15,10 @@ global learning rate, ~1/sqrt(number of batches) in the paper) and t the step:
     p    <- p + u
 
 eta per tensor: the group's `eta` when set, else eta_scale/sqrt(fan_in) for >=2-D weights (fan_in =
-numel/shape[0], the input size of a Linear/Conv weight) and eta_vector for vectors and scalars. Amos decays
+numel/shape[0], the input size of a Linear/Conv weight), eta_norm for the scales of normalisation layers (role
+"norm", optim/param_groups.py) and eta_vector for other vectors and scalars. The authors' examples
+(jestimator/models/{bert,bert_rpe,rope}/modeling.py get_eta_fn) give layer-norm scales eta 1.0 and biases 0.5,
+and the README's MNIST CNN biases 0.5: the defaults eta_norm=1.0, eta_vector=0.5. Amos decays
 every tensor towards its own scale by itself: it has no weight_decay parameter (the `weight_decay` key of a
 param group is ignored).
 """
@@ -29,13 +32,15 @@ from typing import Any
 import torch
 
 from optim.core import closure_loss, groups_with_grads, nonnegative, positive, unit_interval
+from optim.param_groups import param_role
 
 
-def default_eta(p: torch.Tensor, eta_scale: float, eta_vector: float) -> float:
-    """The expected entry size of p: eta_scale/sqrt(fan_in) for weights, eta_vector for vectors/scalars."""
+def default_eta(p: torch.Tensor, eta_scale: float, eta_vector: float, eta_norm: float = 1.0) -> float:
+    """The expected entry size of p: eta_scale/sqrt(fan_in) for weights, eta_norm for the scales of
+    normalisation layers, eta_vector for other vectors/scalars."""
     if p.ndim >= 2:
         return eta_scale / math.sqrt(p.numel() // p.shape[0])
-    return eta_vector
+    return eta_norm if param_role(p) == "norm" else eta_vector
 
 
 def reduced_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -46,14 +51,14 @@ def reduced_shape(p: torch.Tensor) -> tuple[int, ...]:
 class Amos(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, beta: float = 0.999, zeta: float = 0.25,
                  momentum: float = 0.0, eps: float = 2.0**-125, eta_scale: float = 1.0,
-                 eta_vector: float = 0.5) -> None:
+                 eta_vector: float = 0.5, eta_norm: float = 1.0) -> None:
         nonnegative(lr=lr)
         unit_interval(beta=beta)
         nonnegative(zeta=zeta)
         unit_interval(momentum=momentum)
-        positive(eps=eps, eta_scale=eta_scale, eta_vector=eta_vector)
+        positive(eps=eps, eta_scale=eta_scale, eta_vector=eta_vector, eta_norm=eta_norm)
         super().__init__(params, dict(lr=lr, beta=beta, zeta=zeta, momentum=momentum, eps=eps,
-                                      eta_scale=eta_scale, eta_vector=eta_vector))
+                                      eta_scale=eta_scale, eta_vector=eta_vector, eta_norm=eta_norm))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -71,7 +76,8 @@ class Amos(torch.optim.Optimizer):
                     s["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["step"] += 1
             eta = group.get("eta")  # a per-group override, e.g. {"params": ..., "eta": 1.0}
-            etas = [eta if eta is not None else default_eta(p, group["eta_scale"], group["eta_vector"])
+            etas = [eta if eta is not None else default_eta(p, group["eta_scale"], group["eta_vector"],
+                                                            group.get("eta_norm", 1.0))  # older checkpoints
                     for p in params]
             vs, bs = [s["v"] for s in states], [s["b"] for s in states]
             # Reduced second moment (per tensor: the reduced axes depend on its shape).

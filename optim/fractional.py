@@ -18,47 +18,75 @@ are subtracted, the step anticipates a change of the gradient, and the weights s
 is a fractional integral (all w_k > 0, decaying like k^(-a-1)): past gradients are added with a power-law, long
 memory, like heavy-ball momentum with a slower-than-exponential kernel, and for a constant gradient the step is
 sum(w) = binom(K - 1 - a, K - 1) times SGD's (3.52 at a = -0.5, K = 10). The default a = -0.5 is that long-memory form.
+
+rule="zhou": Zhou et al.'s FCGD_G-L coefficients and disturbance, as restated by a third-party summary of the paper
+(junaidaliop.github.io/zij/math/fcgdgl; the paper's full text could not be read here, its abstract names the same
+elements: a 10-step memory, a recursion that removes the Gamma function, a small random disturbance):
+
+    w_0 = 1,  w_j = w_{j-1} (1 - (a + 1)/(j + 1))  (j >= 1),  0 < a <= 1,  D = g_t + sum_{j>=1} c_j w_j g_{t-j}
+
+with c a mask of ones with one zero at a random place each step (`drop`). The weights are positive and fall to
+0 at a = 1, where the rule is plain gradient descent; the paper's 10 memory terms are window=11. The dropped term
+is drawn from a generator seeded with (seed, step), so a run and its resumption drop the same terms.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from optim.core import closure_loss, groups_with_grads, int_at_least, nonnegative, require
+from optim.core import closure_loss, groups_with_grads, int_at_least, nonnegative, one_of, require
+
+RULES = ("textbook", "zhou")
 
 
-def gl_weights(order: float, window: int) -> list[float]:
-    """The Grunwald-Letnikov coefficients w_0 .. w_{window-1} of `order`: w_0 = 1, w_k = w_{k-1}(1 - (order+1)/k)."""
+def gl_weights(order: float, window: int, rule: str = "textbook") -> list[float]:
+    """The coefficients w_0 .. w_{window-1} of `order`: w_0 = 1 and w_k = w_{k-1}(1 - (order+1)/k) (the
+    Grunwald-Letnikov binomials, "textbook") or w_k = w_{k-1}(1 - (order+1)/(k+1)) (Zhou et al., "zhou")."""
+    shift = 1 if rule == "zhou" else 0
     weights = [1.0]
     for k in range(1, window):
-        weights.append(weights[-1] * (1.0 - (order + 1.0) / k))
+        weights.append(weights[-1] * (1.0 - (order + 1.0) / (k + shift)))
     return weights
+
+
+def dropped_term(seed: int, step: int, window: int) -> int:
+    """The memory term (1 .. window-1) that rule="zhou" with drop=True leaves out at `step`."""
+    return random.Random(seed * 1000003 + step).randrange(1, window)
 
 
 class GLFractional(torch.optim.Optimizer):
     """SGD on the Grunwald-Letnikov fractional difference of the gradient sequence (see the module docstring)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 0.01, order: float = -0.5, window: int = 10,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, rule: str = "textbook", drop: bool = False, seed: int = 0) -> None:
         nonnegative(lr=lr, weight_decay=weight_decay)
-        require(-1.0 < order < 1.0, "order", order, "want -1 < order < 1")
+        one_of("rule", rule, RULES)
+        if rule == "zhou":
+            require(0.0 < order <= 1.0, "order", order, "want 0 < order <= 1 with rule=zhou")
+        else:
+            require(-1.0 < order < 1.0, "order", order, "want -1 < order < 1")
+        require(not drop or rule == "zhou", "drop", drop, "the random drop is part of rule=zhou only")
         int_at_least("window", window, 1)
-        super().__init__(params, dict(lr=lr, order=order, window=window, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, order=order, window=window, weight_decay=weight_decay, rule=rule,
+                                      drop=drop, seed=seed))
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _coefficients(self, group: dict[str, Any], t: int, like: torch.Tensor) -> torch.Tensor:
         """w_1 .. w_{window-1} placed at the ring slots of g_{t-1} .. g_{t-window+1} (slot of g_{t-k}: (t-k) % memory).
         One tensor per ring position, built once per (order, window, dtype, device) and reused."""
         memory = group["window"] - 1
-        key = (group["order"], group["window"], t % memory, like.dtype, like.device)
+        rule = group.get("rule", "textbook")  # checkpoints from before the option
+        dropped = dropped_term(group["seed"], t, group["window"]) if group.get("drop") else 0
+        key = (group["order"], group["window"], rule, dropped, t % memory, like.dtype, like.device)
         cached = self._cache.get(key)
         if cached is None:
             coeffs = [0.0] * memory
-            for k, w in enumerate(gl_weights(group["order"], group["window"])[1:], 1):
-                coeffs[(t - k) % memory] = w
+            for k, w in enumerate(gl_weights(group["order"], group["window"], rule)[1:], 1):
+                coeffs[(t - k) % memory] = 0.0 if k == dropped else w
             cached = self._cache[key] = torch.tensor(coeffs, dtype=like.dtype, device=like.device)
         return cached
 

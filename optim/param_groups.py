@@ -4,7 +4,8 @@ Choosing by type (not by parameter name) works for any model: a LayerNorm's weig
 feature detector, and shrinking it towards zero fights the normalisation it implements.
 
 `param_groups` also tags every parameter with its role (`param_role(p)`): "hidden" for the >=2-D weights of
-hidden layers, "head" for the output layer, "embedding", and "other" (biases, norm weights, scalars).
+hidden layers, "head" for the output layer, "embedding", "norm" for the scales (weights) of normalisation layers,
+and "other" (biases, norm shifts, scalars).
 Optimizers for hidden matrices only (Muon, optim/muon.py) route by that role. The output head is any module
 that sets `is_output_head = True`; when no module does, it is the model's last nn.Linear (in registration
 order, as `model.modules()` lists them).
@@ -27,6 +28,7 @@ NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (
     nn.EmbeddingBag,
 )
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(t for t in NO_DECAY_TYPES if t not in EMBEDDING_TYPES)
 ROLE_ATTR = "_kiln_role"  # attribute set on each nn.Parameter by tag_roles()
 
 
@@ -43,7 +45,7 @@ def tag_roles(model: nn.Module) -> None:
     """Set each parameter's role (see the module docstring). Embedding and head win over hidden for shared
     (tied) weights, since a tied embedding/head matrix is both."""
     heads = {id(m) for m in output_heads(model)}
-    rank = {"other": 0, "hidden": 1, "head": 2, "embedding": 3}
+    rank = {"other": 0, "norm": 0, "hidden": 1, "head": 2, "embedding": 3}
     roles: dict[int, tuple[nn.Parameter, str]] = {}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -53,6 +55,8 @@ def tag_roles(model: nn.Module) -> None:
                 role = "head"
             elif p.ndim >= 2 and not isinstance(module, NO_DECAY_TYPES) and not name.endswith("bias"):
                 role = "hidden"
+            elif isinstance(module, NORM_TYPES) and name == "weight":
+                role = "norm"
             else:
                 role = "other"
             old = roles.get(id(p))

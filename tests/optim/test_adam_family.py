@@ -657,3 +657,28 @@ def test_step_returns_the_closure_loss_and_skips_params_without_grad(cls):
     assert loss.item() == 3.0
     assert not torch.equal(used.detach(), torch.ones(3, dtype=F64))
     assert torch.equal(unused.detach(), torch.ones(2, dtype=F64)) and unused not in opt.state
+
+
+def test_lamb_with_clip_norm_clips_the_global_norm_as_timm_and_apex():
+    """conf/optimizer/lamb.yaml: `clip=norm` matches timm's/apex's max_grad_norm=1.0, which divides every gradient
+    by max(||g||_global / 1.0, 1) before the moments (timm optim/lamb.py). torch's clip_grad_norm_ adds 1e-6 to
+    the norm (as apex does), hence the tolerance."""
+    from hydra.utils import instantiate
+
+    clip = instantiate(compose_cfg("optimizer=lamb", "clip=norm").clip.norm)
+    starts, grads = _starts(), _grads(scales=(30.0, 0.1, 20.0))  # global norms above and below 1
+    hp = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    params = [torch.nn.Parameter(s.clone()) for s in starts]
+    opt, got = Lamb(params, **hp), []
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        clip(params)
+        opt.step()
+        got.append([p.detach().clone() for p in params])
+    clipped = [[g / max(torch.sqrt(sum((x * x).sum() for x in gs)).item(), 1.0) for g in gs] for gs in grads]
+    want = _per_tensor(ref_lamb, starts, clipped, [hp, hp])
+    for g_step, w_step in zip(got, want):
+        for g, w in zip(g_step, w_step):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(got[-1][0], _per_tensor(ref_lamb, starts, grads, [hp, hp])[-1][0], rtol=1e-3)

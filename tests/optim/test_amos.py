@@ -98,3 +98,23 @@ def test_rejects_bad_hyperparameters(kwargs, bad):
 def test_option_builds_it():
     opt = instantiate(compose_cfg("optimizer=amos").optimizer)([torch.nn.Parameter(torch.zeros(2, 2))])
     assert isinstance(opt, Amos) and opt.defaults["beta"] == 0.999
+
+
+def test_norm_scales_get_eta_norm_and_biases_eta_vector_as_in_the_authors_examples():
+    """jestimator/models/bert/modeling.py get_eta_fn: ('layer_norm', 'scale') -> 1.0, 'bias' -> 0.5. One step
+    from v = b = 0 and p = 0 moves every entry by xi*eta (r*g2 = 1 for a constant |g|; the decay term gamma*p/2
+    vanishes at p = 0)."""
+    from optim.param_groups import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = Amos(param_groups(model), lr=0.01)
+    for p in model.parameters():
+        p.detach().zero_()
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    moves = {name: ((before[i] - p.detach()).abs().mean() / 0.01).item()
+             for i, (name, p) in enumerate(model.named_parameters())}
+    assert moves["1.weight"] == pytest.approx(1.0, rel=1e-6)  # the LayerNorm scale: eta_norm
+    assert moves["1.bias"] == pytest.approx(0.5, rel=1e-6) and moves["0.bias"] == pytest.approx(0.5, rel=1e-6)
+    assert moves["0.weight"] == pytest.approx(1.0 / math.sqrt(4), rel=1e-6)  # eta_scale/sqrt(fan_in)

@@ -1,8 +1,10 @@
 """Grunwald-Letnikov fractional gradient (optim/fractional.py): the coefficients against the binomial definition
-(scipy), the update over a wrapping window by hand, its closed form on a constant gradient, convergence and
-state_dict lock-step."""
+(scipy), the update over a wrapping window by hand, its closed form on a constant gradient, Zhou et al.'s variant
+(coefficients as a product, one memory term dropped per step), convergence and state_dict lock-step."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from tests.optim.harness import (
     check_against,
     quadratic,
     rosenbrock,
+    stepped,
     trajectory,
 )
 
@@ -116,3 +119,47 @@ def test_option_builds_it():
     cfg = compose_cfg("optimizer=gl_fractional", "optimizer.order=0.3")
     opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2, 2))])
     assert isinstance(opt, GLFractional) and opt.defaults["order"] == 0.3 and opt.defaults["window"] == 10
+
+
+# -- rule="zhou": w_j = prod_{i=2}^{j+1} (1 - (a+1)/i), one random memory term dropped per step ----------------
+def zhou_weight(order: float, j: int) -> float:
+    """w_j of FCGD_G-L in closed form (the recursion w_j = w_{j-1}(1 - (a+1)/(j+1)) unrolled)."""
+    return math.prod(1 - (order + 1) / i for i in range(2, j + 2))
+
+
+def test_zhou_rule_matches_its_closed_form_without_the_drop():
+    order, window = 0.4, 4
+    p = torch.nn.Parameter(MATRIX.clone())
+    got = stepped(GLFractional([p], lr=0.1, order=order, window=window, rule="zhou"), [p], [[g] for g in GRADS])
+    want, x = [], MATRIX.clone()
+    for t in range(len(GRADS)):
+        x = x - 0.1 * sum(zhou_weight(order, j) * GRADS[t - j] for j in range(min(window, t + 1)))
+        want.append([x])
+    check_against(got, want)
+    assert all(zhou_weight(order, j) > 0 for j in range(1, 10)) and zhou_weight(1.0, 1) == 0.0  # a = 1: SGD
+
+
+def test_zhou_drop_leaves_out_exactly_one_memory_term_per_step_and_resumes_identically():
+    order, window = 0.5, 4
+    p = torch.nn.Parameter(VECTOR.clone())
+    opt = GLFractional([p], lr=0.1, order=order, window=window, rule="zhou", drop=True, seed=3)
+    x, dropped = VECTOR.clone(), []
+    for t, g in enumerate(VGRADS):
+        p.grad = g.clone()
+        opt.step()
+        terms = {j: zhou_weight(order, j) * VGRADS[t - j] for j in range(min(window, t + 1))}
+        candidates = [j for j in range(1, window)  # the update equals the full sum less one memory term
+                      if torch.allclose(p.detach(), x - 0.1 * (sum(terms.values()) - terms.get(j, 0.0)),
+                                        rtol=1e-12, atol=1e-14)]
+        assert candidates, f"step {t}: no single dropped term explains the update"
+        dropped.append(candidates)
+        x = p.detach().clone()
+    assert len({c[0] for c in dropped[3:]}) > 1  # the dropped term changes from step to step
+    assert_state_dict_lockstep(lambda ps: GLFractional(ps, lr=0.02, order=0.5, window=4, rule="zhou", drop=True))
+
+
+@pytest.mark.parametrize("kwargs,bad", [({"rule": "zhou", "order": -0.5}, "Invalid order: -0.5"),
+                                        ({"drop": True}, "Invalid drop: True"), ({"rule": "gl"}, "Invalid rule")])
+def test_zhou_rule_rejects_what_it_does_not_define(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        GLFractional([torch.nn.Parameter(torch.zeros(2))], **kwargs)
