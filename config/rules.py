@@ -3,15 +3,16 @@ it), the cheap construction of the parts that hold no data, and the oddities (va
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from config.bind import Problems, construct, fmt, under
+from config.bind import Problems, construct, fmt, resolved, under
 from core.batches import split_problem, usable_cores
 from core.config import parse_duration
 from core.protocol import interpolated_from, unreported
@@ -24,19 +25,15 @@ from trainer.device import machine_problems, resolve_device
 
 def get(cfg: DictConfig, key: str, p: Problems) -> Any:
     """The resolved value at `key` when it exists and has no problem; else None."""
-    try:
-        value = None if under(p, key) else OmegaConf.select(cfg, key, throw_on_missing=False)
-        return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
-    except Exception:
-        return None  # does not resolve: reported already
+    return None if under(p, key) else resolved(cfg, key)
 
 
 def target(cfg: DictConfig, key: str, p: Problems) -> Any:
+    """What `key._target_` names, or None."""
     name = get(cfg, f"{key}._target_", p)
-    try:
+    with contextlib.suppress(Exception):
         return get_object(name) if isinstance(name, str) else None
-    except Exception:
-        return None
+    return None
 
 
 def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
@@ -51,9 +48,8 @@ def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
     return cls, {**{q.name: q.default for q in params if q.default is not q.empty}, **task}
 
 
-def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | None, int | None]:
+def horizon_numbers(cfg: DictConfig, p: Problems) -> tuple[int | None, int | None]:
     """(total steps, steps per epoch) as far as they are known without data (None where not)."""
-    p = {} if p is None else p
     (cls, task), batch = task_settings(cfg, p), get(cfg, "task.batch_size", p)
     n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
     spe = n // batch if n is not None and isinstance(batch, int) and 0 < batch <= n else None  # drop_last
