@@ -3,7 +3,6 @@ required group deleted, a run folder that cannot be made, a sweep's unresolvable
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 import sys
@@ -16,6 +15,7 @@ from hydra.core.override_parser.types import ChoiceSweep, Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from config.bind import closest
 from config.resolve import unresolvable
 from core.config import CONF, compose
 from core.log import print_error, print_warning
@@ -61,8 +61,8 @@ def unknown_keys(args: list[str]) -> list[str]:
         if not isinstance(parent, DictConfig):
             problems.append(f"{o.key_or_group}: unknown key ({parent_key or 'the config'} has no such section)")
         elif leaf not in parent:
-            close = difflib.get_close_matches(leaf, [str(k) for k in parent], n=1)
-            hint = f"; did you mean '{parent_key + '.' if parent_key else ''}{close[0]}'?" if close else ""
+            close = closest(leaf, parent)
+            hint = f"; did you mean '{o.key_or_group.removesuffix(leaf)}{close}'?" if close else ""
             problems.append(f"{o.key_or_group}={o.value()}: unknown key{hint} "
                             f"(to add a new key on purpose: +{o.key_or_group}=...)")
     return problems
@@ -110,11 +110,9 @@ def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
     static = raw.split("${", 1)[0] if isinstance(raw, str) else ""
     if not static:
         return None
-    folder = Path(static).expanduser()
+    folder = Path.cwd() / Path(static).expanduser()
     folder = folder.parent if "${" in raw and not static.endswith("/") else folder  # runs/x_${now:...}
-    existing = folder if folder.is_absolute() else Path.cwd() / folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = next(d for d in (folder, *folder.parents) if d.exists())
     fix = f"choose another folder: {key}=</path/to/folder>"
     if not existing.is_dir():
         return f"{key}={raw!r}: cannot be created: {existing} is a file, not a folder; {fix}"

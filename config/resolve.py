@@ -4,7 +4,6 @@ that raises, a reference cycle), each with its expression, why and the fix."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import re
 import sys
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.basecontainer import BaseContainer
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType
 
-from config.bind import fmt, targets
+from config.bind import closest, fmt, reason, targets
 
 _ABSENT = object()
 
@@ -28,22 +27,18 @@ def unresolvable(cfg: DictConfig, skip: Iterable[str] = ("hydra",)) -> dict[str,
 
     def walk(node: DictConfig | ListConfig, path: str) -> None:
         for k in (node.keys() if isinstance(node, DictConfig) else range(len(node))):
-            full = f"{path}.{k}" if path else str(k)
+            full, child = f"{path}.{k}" if path else str(k), node._get_node(k)
             if not path and k in skip:
                 continue
             if OmegaConf.is_interpolation(node, k):
                 try:
                     node[k]  # a value taken from elsewhere is checked where it is defined, not here again
                 except Exception as e:
-                    text = str(node._get_node(k)._value())
-                    if "${hydra:" not in text or HydraConfig.initialized():  # known only inside a Hydra run
-                        failed[full] = (text, e)
-                continue
-            child = node._get_node(k)
-            if child._is_missing():
+                    if "${hydra:" not in str(child._value()) or HydraConfig.initialized():  # known only in a run
+                        failed[full] = (str(child._value()), e)
+            elif child._is_missing():
                 failed[full] = ("???", InterpolationToMissingValueError("a value is required here"))
-                continue
-            if isinstance(child, DictConfig | ListConfig) and not child._is_none() and not child._is_missing():
+            elif isinstance(child, DictConfig | ListConfig) and not child._is_none():
                 walk(child, full)
 
     walk(cfg, "")
@@ -84,17 +79,14 @@ def _cycle(cfg: DictConfig, key: str) -> list[str]:
     return chain
 
 
-def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any] | None = None) -> str:
-    """Why the expression `text` at `key` does not resolve, and the fix."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    refs = references(key, text)
+def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any]) -> str:
+    """Why the expression `text` at `key` does not resolve (`failed`: the other keys that do not), and the fix."""
+    msg, refs = reason(e), references(key, text)
     if "Recursive interpolation" in msg:
         return f"a reference cycle ({' -> '.join(_cycle(cfg, key))}); give one of these keys a value"
-    broken = [r for r in refs if r in (failed or {})]
-    if broken:
+    if broken := [r for r in refs if r in failed]:
         return f"it refers to {broken[0]}, which cannot be resolved itself (see {broken[0]})"
-    env = re.search(r"Environment variable '([^']*)' not found", msg)
-    if env:
+    if env := re.search(r"Environment variable '([^']*)' not found", msg):
         return (f"the environment variable {env[1]} is not set; set it (export {env[1]}=...) or give a default: "
                 f"${{oc.env:{env[1]},<default>}}")
     if isinstance(e, InterpolationKeyError):
@@ -104,8 +96,8 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
         ref = absent[0] if absent else named[1] if named else msg
         parent, _, leaf = ref.rpartition(".")
         node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False) if parent else cfg
-        close = difflib.get_close_matches(leaf, [str(k) for k in node] if isinstance(node, DictConfig) else [], n=1)
-        hint = (f"did you mean ${{{parent + '.' if parent else ''}{close[0]}}}?" if close
+        close = closest(leaf, node if isinstance(node, DictConfig) else [])
+        hint = (f"did you mean ${{{ref.removesuffix(leaf)}{close}}}?" if close
                 else "refer to a key the config has (python train.py --cfg job lists them)")
         return f"the config has no key {ref}; {hint}"
     if text == "???":
@@ -115,9 +107,9 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
         return f"it refers to {target}, which has no value (???); set {target}"
     if isinstance(e, UnsupportedInterpolationType):
         name, known = msg.rsplit(" ", 1)[-1], sorted(getattr(BaseContainer, "_resolvers", {}))
-        close = difflib.get_close_matches(name, known, n=1)
-        return f"no resolver is named {name!r}; " + (f"did you mean {close[0]}?" if close
-                                                      else f"the resolvers here: {', '.join(known)}")
+        close = closest(name, known)
+        hint = f"did you mean {close}?" if close else f"the resolvers here: {', '.join(known)}"
+        return f"no resolver is named {name!r}; {hint}"
     resolver = re.match(r"\$\{([\w.]+):", text)
     cause = re.sub(r"^(\w+) raised while resolving interpolation: ", r"\1: ", msg)
     what = f"the resolver {resolver[1]} failed" if resolver else "resolving it failed"

@@ -77,15 +77,14 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
     for line in cls.check(task) if hasattr(cls, "check") else []:
         add(line.split("=")[0].split(":")[0], line)
     batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
-    if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and split_problem(batch, accum):
-        add("trainer.grad_accum", split_problem(batch, accum))
+    if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and (line := split_problem(batch, accum)):
+        add("trainer.grad_accum", line)
     n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
     if n is not None and isinstance(batch, int) and batch > n:
         add("task.batch_size", f"task.batch_size={batch}: must be <= the training set ({n} samples)")
-    reduction = get(cfg, "regularize.loss_reduction", p)
-    if reduction is not None and reduction not in REDUCTIONS:
-        add("regularize.loss_reduction", f"regularize.loss_reduction={fmt(reduction)}: must be one of "
-                                         f"{', '.join(REDUCTIONS)}")
+    if (reduction := get(cfg, "regularize.loss_reduction", p)) not in (None, *REDUCTIONS):
+        add("regularize.loss_reduction",
+            f"regularize.loss_reduction={fmt(reduction)}: must be one of {', '.join(REDUCTIONS)}")
     evals, needs = get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
     if needs and evals is not None and parse_duration(evals)[0] == 0:
         add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations during the "
@@ -108,10 +107,10 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
                               f"{'no such file or folder' if resume.strip() else 'names no checkpoint'}; pass a run "
                               "folder that has checkpoints, a checkpoint file, trainer.resume=auto (the newest run "
                               "with the same config) or trainer.resume=null (a fresh run)")
-    name = get(cfg, "trainer.device", p)
-    for key, line in machine_problems(name, get(cfg, "trainer.compile", p) is True,
-                                      get(cfg, "trainer.strategy", p)).items() if isinstance(name, str) else ():
-        add(key, line)
+    if isinstance(device := get(cfg, "trainer.device", p), str):
+        for key, line in machine_problems(device, get(cfg, "trainer.compile", p) is True,
+                                          get(cfg, "trainer.strategy", p)).items():
+            add(key, line)
 
 
 def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
@@ -156,15 +155,11 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
     if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
         construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
     construct(cfg, "norm", lambda made: made(4), p)
+    # the trainer's param groups for a tiny model (hidden matrix, norm, head): some optimizers route by role
+    toy = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     if not under(p, "regularize.decay_bias_and_norm", "regularize.decay_embeddings"):
-        construct(cfg, "optimizer", lambda made: coupled(made(toy_groups(cfg)), cfg, p), p)
+        construct(cfg, "optimizer", lambda made: coupled(made(config_param_groups(toy, cfg.regularize)), cfg, p), p)
     construct(cfg, "regularize.augment", augment, p)
-
-
-def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
-    """The trainer's param groups for a tiny model (hidden matrix, norm, head): some optimizers route by role."""
-    return config_param_groups(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
-                                                   torch.nn.Linear(4, 2)), cfg.regularize)
 
 
 def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
@@ -196,9 +191,8 @@ def oddities(cfg: DictConfig) -> list[str]:
         lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
                      "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
     if every and needs:
-        stop = needs[0] == "early stopping"
-        key = "early_stop.patience" if stop else "schedule.patience"
-        effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
+        key, effect = (("early_stop.patience", "early stopping can never stop it") if needs[0] == "early stopping"
+                       else ("schedule.patience", "reduce-on-plateau can never lower the learning rate"))
         evaluations, patience = (total - 1) // every, get(cfg, key, p)  # the last evaluation decides nothing
         needed = needs[2].evaluations_to_act(patience) if isinstance(patience, int) else 1
         if evaluations == 0:
