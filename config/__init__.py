@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from config.bind import TOP_LEVEL, check_groups, did_you_mean, targets
+from config.bind import BOUND, TOP_LEVEL, check_groups, did_you_mean, targets
 from config.bind import bind as _bind  # not `bind`: that name is the module config.bind
 from config.cli import required_groups
 from config.resolve import unresolvable
@@ -21,7 +21,7 @@ def problems(cfg: DictConfig) -> list[str]:
     p = dict(unresolvable(cfg))
     try:
         check_groups(cfg, p, {g: o for g, o in required_groups().items() if g != "recipe"})
-        for group in ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "regularize"):
+        for group in (*BOUND, "regularize"):  # regularize.augment
             for key, node in targets(cfg.get(group), group) if group not in p else []:
                 _bind(node, key, p)
         check_rules(cfg, p)

@@ -21,7 +21,8 @@ from core.protocol import interpolated_from
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 SUPPLIED = {"params", "horizon", "num_features", "self"}  # what the trainer passes to `_partial_` factories
-TOP_LEVEL = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", *GROUPS)
+BOUND = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop")  # groups of `_target_` nodes
+TOP_LEVEL = (*BOUND, *GROUPS)
 Problems = dict[str, str]  # full key -> its line; the first found for a key wins
 
 
@@ -29,12 +30,11 @@ def fmt(value: Any, limit: int = 60) -> str:
     """A value as the user would write it on the command line."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
+    text = repr(value) if isinstance(value, str) else str(value)
     if isinstance(value, list | tuple):
         text = "[" + ", ".join(fmt(v, limit) for v in value) + "]"
     elif isinstance(value, Mapping):
         text = "{" + ", ".join(f"{k}: {fmt(v, limit)}" for k, v in value.items()) + "}"
-    else:
-        text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -161,10 +161,9 @@ def bind(node: DictConfig, key: str, p: Problems) -> None:
         hints = {}
     kwargs = any(q.kind is q.VAR_KEYWORD for q in params.values())
     named = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
-    if not node.get("_partial_", False):
-        for n in named:
-            if params[n].default is params[n].empty and n not in node:
-                p.setdefault(f"{key}.{n}", f"{key}.{n}: missing; {node._target_} requires it")
+    for n in [] if node.get("_partial_", False) else named:  # a `_partial_` factory gets the rest later
+        if params[n].default is params[n].empty and n not in node:
+            p.setdefault(f"{key}.{n}", f"{key}.{n}: missing; {node._target_} requires it")
     for k in map(str, node):
         full = f"{key}.{k}"
         if k in HYDRA_KEYS or under(p, full) or OmegaConf.is_interpolation(node, k):

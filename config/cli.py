@@ -71,11 +71,9 @@ def unknown_keys(args: list[str]) -> list[str]:
 def listed_twice(overrides: list[Override]) -> list[str]:
     """`group=[a,a]`: Hydra merges the option into one node, so the run would apply it once."""
     problems, named = [], groups()
-    for o in overrides:
-        value = o.value() if o.key_or_group in named else None
-        for choice in value.list if isinstance(value, ChoiceSweep) else [value]:
-            twice = [x for i, x in enumerate(choice) if x in choice[:i]] if isinstance(choice, list) else []
-            if twice:
+    for o in (o for o in overrides if o.key_or_group in named):
+        for choice in o.value().list if isinstance(o.value(), ChoiceSweep) else [o.value()]:
+            if isinstance(choice, list) and (twice := [x for i, x in enumerate(choice) if x in choice[:i]]):
                 group, once = o.key_or_group, ",".join(str(x) for x in dict.fromkeys(choice))
                 problems.append(f"{group}=[{','.join(str(x) for x in choice)}]: lists {twice[0]} twice, but an "
                                 f"option is one config node ({group}.{twice[0]}), so Hydra keeps one and the run "
@@ -129,8 +127,7 @@ def sweep_unresolvable(args: list[str]) -> list[str]:
     parser = OverridesParser.create()
     try:
         fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
-        params = compose(fixed, hydra=True).hydra.sweeper.get("params")
-        params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
+        params = OmegaConf.to_container(compose(fixed, hydra=True).hydra.sweeper).get("params") or {}
         lines = [o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + args)
                  if not o.is_sweep_override() or o.is_discrete_sweep()]
     except HydraException:
@@ -138,9 +135,8 @@ def sweep_unresolvable(args: list[str]) -> list[str]:
     axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
             else [o.input_line] for o in lines]
     swept, named = {o.get_key_element() for o in lines if o.is_sweep_override()}, groups()
-    jobs = [list(job) for job in itertools.product(*axes)]
-    found: dict[str, list[str]] = {}
-    checked: dict[tuple[str, ...], list[str]] = {}
+    jobs = list(itertools.product(*axes))
+    found, checked = {}, {}  # line -> the jobs it is in; a job's shape -> its lines
     for job in jobs:
         shape = tuple(x.split("=", 1)[0] if x.split("=", 1)[0].split("@")[0] not in named and "{" not in x else x
                       for x in job)

@@ -126,13 +126,12 @@ def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
                                   "single sample in training; use a larger task.batch_size, a smaller "
                                   "trainer.grad_accum, or norm=layernorm")
     evals, tests = cls.declared_metrics(task) if hasattr(cls, "declared_metrics") else ({}, {})
-    for key, every_eval in (("monitor.metric", False), ("early_stop.monitor", True), ("schedule.monitor", True),
-                            ("expect.metric", False)):
+    for key in ("monitor.metric", "early_stop.monitor", "schedule.monitor", "expect.metric"):
         metric, mode_key = get(cfg, key, p), key.rsplit(".", 1)[0] + ".mode"
         if not evals or not isinstance(metric, str) or under(p, *interpolated_from(cfg, key)):
             continue
-        line, mode, want = unreported(cfg, key, metric, name, evals, tests, every_eval), get(cfg, mode_key, p), \
-            {**evals, **tests}.get(metric)
+        line = unreported(cfg, key, metric, name, evals, tests, every_eval=key.endswith(".monitor"))
+        mode, want = get(cfg, mode_key, p), {**evals, **tests}.get(metric)
         if line:
             p.setdefault(key, line)
         elif mode in ("min", "max") and mode != want and not under(p, *interpolated_from(cfg, mode_key)):
