@@ -16,6 +16,7 @@ from omegaconf.basecontainer import BaseContainer
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType
 
 from config.bind import closest, fmt, reason, targets
+from core.protocol import interpolated_from
 
 _ABSENT = object()
 
@@ -57,31 +58,17 @@ def _import_targets(cfg: DictConfig) -> bool:
     return any(module in sys.modules for module in new)
 
 
-def references(key: str, text: str) -> list[str]:
-    """The keys the expression `text` at `key` refers to, absolute (`${.lr}` next to `optimizer.x` is
-    optimizer.lr)."""
-    out = []
-    for ref in re.findall(r"\$\{(\.*[A-Za-z_][\w.\[\]]*)\}", text):
-        dots = len(ref) - len(ref.lstrip("."))
-        out.append(".".join([*key.split(".")[:-dots], ref.lstrip(".")]) if dots else ref)
-    return out
-
-
 def _cycle(cfg: DictConfig, key: str) -> list[str]:
     """key -> ... -> key, following each expression's first reference."""
     chain = [key]
-    while len(chain) < 50:
-        node = OmegaConf.select(cfg, chain[-1].rpartition(".")[0]) if "." in chain[-1] else cfg
-        refs = references(chain[-1], str(node._get_node(chain[-1].rpartition(".")[2])._value()))
-        chain.append(refs[0] if refs else key)
-        if chain[-1] in chain[:-1]:
-            break
+    while len(chain) < 50 and chain[-1] not in chain[:-1]:
+        chain.append(next(iter(interpolated_from(cfg, chain[-1])), key))
     return chain
 
 
 def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any]) -> str:
     """Why the expression `text` at `key` does not resolve (`failed`: the other keys that do not), and the fix."""
-    msg, refs = reason(e), references(key, text)
+    msg, refs = reason(e), interpolated_from(cfg, key)
     if "Recursive interpolation" in msg:
         return f"a reference cycle ({' -> '.join(_cycle(cfg, key))}); give one of these keys a value"
     if broken := [r for r in refs if r in failed]:
