@@ -7,7 +7,7 @@ import contextlib
 import importlib
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -21,15 +21,15 @@ from core.protocol import interpolated_from
 _ABSENT = object()
 
 
-def unresolvable(cfg: DictConfig, skip: Iterable[str] = ("hydra",)) -> dict[str, str]:
+def unresolvable(cfg: DictConfig) -> dict[str, str]:
     """Every value whose interpolation cannot be resolved: full key -> `key=expression: cannot be resolved: why;
-    fix`. The top-level keys in `skip` are left out (Hydra resolves its own node, some of it only inside a run)."""
+    fix`. The hydra node is left out: Hydra resolves it, some of it only inside a run."""
     failed: dict[str, tuple[str, Exception]] = {}
 
     def walk(node: DictConfig | ListConfig, path: str) -> None:
         for k in (node.keys() if isinstance(node, DictConfig) else range(len(node))):
             full, child = f"{path}.{k}" if path else str(k), node._get_node(k)
-            if not path and k in skip:
+            if not path and k == "hydra":
                 continue
             if OmegaConf.is_interpolation(node, k):
                 try:
@@ -43,19 +43,16 @@ def unresolvable(cfg: DictConfig, skip: Iterable[str] = ("hydra",)) -> dict[str,
                 walk(child, full)
 
     walk(cfg, "")
-    if any(isinstance(e, UnsupportedInterpolationType) for _, e in failed.values()) and _import_targets(cfg):
-        return unresolvable(cfg, skip)  # a task's module may register the resolver when it is imported
+    if any(isinstance(e, UnsupportedInterpolationType) for _, e in failed.values()):
+        # a task's module may register the resolver: import the targets' modules, as constructing them would
+        new = {str(node._target_).rpartition(".")[0] for _, node in targets(cfg, "")} - set(sys.modules)
+        for module in new:
+            with contextlib.suppress(Exception):  # reported as a target that cannot be imported
+                importlib.import_module(module)
+        if any(module in sys.modules for module in new):
+            return unresolvable(cfg)
     return {key: f"{key}={fmt(text, 200)}: cannot be resolved: {why(cfg, key, text, e, failed)}"
             for key, (text, e) in failed.items()}
-
-
-def _import_targets(cfg: DictConfig) -> bool:
-    """Import the module of every `_target_` (as constructing the config would); True when one was new."""
-    new = {str(node._target_).rpartition(".")[0] for _, node in targets(cfg, "")} - set(sys.modules)
-    for module in new:
-        with contextlib.suppress(Exception):  # reported as a target that cannot be imported
-            importlib.import_module(module)
-    return any(module in sys.modules for module in new)
 
 
 def _cycle(cfg: DictConfig, key: str) -> list[str]:
