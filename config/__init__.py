@@ -18,7 +18,7 @@ _WARNED: set[str] = set()  # oddities already printed by this process (a sweep c
 
 def problems(cfg: DictConfig) -> list[str]:
     """Every problem in `cfg`, one line each ('full.key=value: what is allowed'); empty when valid."""
-    p = dict(unresolvable(cfg))
+    p = unresolvable(cfg)
     try:
         check_groups(cfg, p, {g: o for g, o in required_groups().items() if g != "recipe"})
         for group in (*BOUND, "regularize"):  # regularize.augment
@@ -37,14 +37,12 @@ def problems(cfg: DictConfig) -> list[str]:
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem in `cfg`; when it is valid, print its oddities (once each)."""
     if lines := problems(cfg):
-        raise ConfigError(f"the config has {len(lines)} problem{'s' * (len(lines) > 1)}:\n"
-                          + "\n".join(f"  {x}" for x in lines)
-                          + "\nFix them on the command line (key=value) or in the YAML; "
-                          "HYDRA_FULL_ERROR=1 shows a traceback.")
-    for line in oddities(cfg):
-        if line not in _WARNED:
-            _WARNED.add(line)
-            print_warning(line)
+        raise ConfigError(f"the config has {len(lines)} problem{'s' * (len(lines) > 1)}:\n  " + "\n  ".join(lines)
+                          + "\nFix them on the command line (key=value) or in the YAML; HYDRA_FULL_ERROR=1 shows a "
+                          "traceback.")
+    for line in [x for x in oddities(cfg) if x not in _WARNED]:
+        _WARNED.add(line)
+        print_warning(line)
 
 
 validate = check

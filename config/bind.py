@@ -114,13 +114,11 @@ def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]
 
 
 def resolved(node: DictConfig, key: str) -> Any:
-    """The value at the dotted `key` below `node`, resolved (a node as plain data); None when absent or when it
-    does not resolve (reported by config/resolve.py)."""
-    try:
+    """The value at the dotted `key` below `node`, resolved (a node as plain data); None if absent or unresolvable."""
+    with contextlib.suppress(Exception):
         value = OmegaConf.select(node, key, default=None)
         return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
-    except Exception:
-        return None
+    return None
 
 
 def under(p: Problems, *prefixes: str) -> bool:
@@ -155,10 +153,9 @@ def bind(node: DictConfig, key: str, p: Problems) -> None:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         return  # no signature to bind against (a builtin)
-    try:
+    hints = {}
+    with contextlib.suppress(Exception):  # annotations that do not evaluate: the keys are still checked
         hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    except Exception:
-        hints = {}
     kwargs = any(q.kind is q.VAR_KEYWORD for q in params.values())
     named = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
     for n in [] if node.get("_partial_", False) else named:  # a `_partial_` factory gets the rest later
@@ -206,8 +203,6 @@ def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problem
             elif k not in HYDRA_KEYS and (k not in params or params[k].default is not params[k].empty):
                 spare[path + k] = (v, params[k].default if k in params else params, d["_target_"])
 
-    walk(tree, "")
-
     def attempt(keep: Iterable[str]) -> Exception | None:
         def prune(d: dict, path: str) -> dict:
             return {k: prune(v, f"{path}{k}.") if isinstance(v, dict) else v for k, v in d.items()
@@ -218,6 +213,7 @@ def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problem
             return e.__cause__ or e
         return None
 
+    walk(tree, "")
     kept = [k for k in spare if not under(p, f"{key}.{k}", *interpolated_from(cfg, f"{key}.{k}"))]
     first = attempt(kept)
     if first is None:

@@ -3,6 +3,7 @@ required group deleted, a run folder that cannot be made, a sweep's unresolvable
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import sys
@@ -141,10 +142,9 @@ def sweep_unresolvable(args: list[str]) -> list[str]:
         shape = tuple(x.split("=", 1)[0] if x.split("=", 1)[0].split("@")[0] not in named and "{" not in x else x
                       for x in job)
         if shape not in checked:
-            try:
+            checked[shape] = []  # a job that does not compose: Hydra names the option it cannot find
+            with contextlib.suppress(HydraException):
                 checked[shape] = list(unresolvable(compose(job)).values())
-            except HydraException:
-                checked[shape] = []  # a job that does not compose: Hydra names the option it cannot find
         label = " ".join(re.sub(r"\\(.)", r"\1", x) for x in job if x.split("=", 1)[0] in swept)
         for line in checked[shape]:
             found.setdefault(line, []).append(label)

@@ -41,10 +41,9 @@ def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
     node, cls = cfg.get("task"), target(cfg, "task", p)
     keys = [str(k) for k in node if not under(p, f"task.{k}")] if isinstance(node, DictConfig) else []
     task = {k: get(cfg, f"task.{k}", p) for k in keys}  # the keys with a problem take their defaults
-    try:
+    params = []
+    with contextlib.suppress(TypeError, ValueError):  # no signature (a builtin): no defaults
         params = inspect.signature(cls).parameters.values() if inspect.isclass(cls) else []
-    except (TypeError, ValueError):
-        params = []
     return cls, {**{q.name: q.default for q in params if q.default is not q.empty}, **task}
 
 
@@ -53,10 +52,9 @@ def horizon_numbers(cfg: DictConfig, p: Problems) -> tuple[int | None, int | Non
     (cls, task), batch = task_settings(cfg, p), get(cfg, "task.batch_size", p)
     n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
     spe = n // batch if n is not None and isinstance(batch, int) and 0 < batch <= n else None  # drop_last
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), spe), spe
-    except (TypeError, ValueError):
-        return None, spe
+    return None, spe
 
 
 def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str, Any] | None:
@@ -93,14 +91,13 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
         check_task_fit(cfg, p, cls, task)
     for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
         path = get(cfg, key, p)
-        if not isinstance(path, str) or not path or under(p, *interpolated_from(cfg, key)):
-            continue
-        shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
-        if want == "folder" and path.exists() and not path.is_dir():
-            add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
-                     "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
-        elif want == "file" and path.is_dir():
-            add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
+        if isinstance(path, str) and path and not under(p, *interpolated_from(cfg, key)):
+            shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
+            if want == "folder" and path.exists() and not path.is_dir():
+                add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ "
+                         "and tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
+            elif want == "file" and path.is_dir():
+                add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
     resume = get(cfg, "trainer.resume", p)
     if isinstance(resume, str) and resume != "auto" and not (resume.strip() and Path(resume).expanduser().exists()):
         add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: "
@@ -182,10 +179,9 @@ def augment(factory: Any) -> Any:
 def oddities(cfg: DictConfig) -> list[str]:
     """Settings that run but probably do not do what was meant, one line each (a smoke test shorter than an
     epoch evaluates only at its end: legitimate, so a warning)."""
-    p: Problems = {}
+    p, lines = {}, []
     (total, spe), evals, needs = horizon_numbers(cfg, p), get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
     every = Horizon(total, spe or 1).steps(evals) if total and (spe or "ep" not in str(evals)) else None
-    lines = []
     if every and every > total and not needs:
         lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
                      "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
