@@ -20,7 +20,7 @@ def problems(cfg: DictConfig) -> list[str]:
     """Every problem in `cfg`, one line each ('full.key=value: what is allowed'); empty when valid."""
     p = unresolvable(cfg)
     try:
-        check_groups(cfg, p, {g: o for g, o in required_groups().items() if g != "recipe"})
+        check_groups(cfg, p, required_groups())
         for group in (*BOUND, "regularize"):  # regularize.augment
             for key, node in targets(cfg.get(group), group) if group not in p else []:
                 _bind(node, key, p)

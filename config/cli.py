@@ -33,11 +33,9 @@ def groups() -> set[str]:
 
 
 def required_groups() -> dict[str, list[str]]:
-    """The groups every run has an option of (train.yaml's non-null defaults, and `recipe`: the defaults list
-    interpolates it, so `~recipe` cannot compose) -> their options."""
+    """The groups every run has an option of (train.yaml's non-null defaults) -> their options."""
     entries = [e for e in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(e, DictConfig) and len(e) == 1]
-    return {g: options(g) for e in entries for g in map(str, e)
-            if " " not in g and "@" not in g and (e[g] is not None or g == "recipe")}
+    return {g: options(g) for e in entries for g, v in e.items() if v is not None and " " not in g and "@" not in g}
 
 
 def unknown_keys(args: list[str]) -> list[str]:
@@ -93,12 +91,13 @@ def given_twice(overrides: list[Override]) -> list[str]:
 
 
 def deleted_groups(overrides: list[Override]) -> list[str]:
-    """`~optimizer`: a run needs one option of each required group (Hydra fails on its defaults list)."""
+    """`~optimizer`: a run needs one option of each required group, and `~recipe` cannot compose (the defaults list
+    interpolates it); Hydra would fail on its defaults list."""
     required = required_groups()
     return ["~recipe: to run without a recipe, leave recipe out (or write recipe=null)" if o.key_or_group == "recipe"
             else f"~{o.key_or_group}: a run needs one option of the group {o.key_or_group}; pick an option: "
                  f"{o.key_or_group}=<name> ({', '.join(required[o.key_or_group])}; conf/{o.key_or_group}/)"
-            for o in overrides if o.is_delete() and o.key_or_group in required]
+            for o in overrides if o.is_delete() and o.key_or_group in {*required, "recipe"}]
 
 
 def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:

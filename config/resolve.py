@@ -55,19 +55,14 @@ def unresolvable(cfg: DictConfig) -> dict[str, str]:
             for key, (text, e) in failed.items()}
 
 
-def _cycle(cfg: DictConfig, key: str) -> list[str]:
-    """key -> ... -> key, following each expression's first reference."""
-    chain = [key]
-    while len(chain) < 50 and chain[-1] not in chain[:-1]:
-        chain.append(next(iter(interpolated_from(cfg, chain[-1])), key))
-    return chain
-
-
 def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any]) -> str:
     """Why the expression `text` at `key` does not resolve (`failed`: the other keys that do not), and the fix."""
     msg, refs = reason(e), interpolated_from(cfg, key)
     if "Recursive interpolation" in msg:
-        return f"a reference cycle ({' -> '.join(_cycle(cfg, key))}); give one of these keys a value"
+        chain = [key]  # key -> ... -> key, following each expression's first reference
+        while len(chain) < 50 and chain[-1] not in chain[:-1]:
+            chain.append(next(iter(interpolated_from(cfg, chain[-1])), key))
+        return f"a reference cycle ({' -> '.join(chain)}); give one of these keys a value"
     if broken := [r for r in refs if r in failed]:
         return f"it refers to {broken[0]}, which cannot be resolved itself (see {broken[0]})"
     if env := re.search(r"Environment variable '([^']*)' not found", msg):

@@ -145,9 +145,8 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
     # a run of unknown length: a horizon every duration fits, so only the schedule's other arguments are judged
     horizon = Horizon(total, spe or 1) if known else Horizon(10**12, 10**6)
     construct(cfg, "schedule", lambda made: made(horizon), p)
-    for name in get(cfg, "clip", p) or {}:
-        construct(cfg, f"clip.{name}", lambda made: made, p)
-    construct(cfg, "early_stop", lambda made: made, p)
+    for key in [*(f"clip.{name}" for name in get(cfg, "clip", p) or {}), "early_stop"]:
+        construct(cfg, key, lambda made: made, p)
     if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
         construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
     construct(cfg, "norm", lambda made: made(4), p)
