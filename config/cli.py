@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,19 +43,17 @@ def unknown_keys(args: list[str]) -> list[str]:
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return []  # a syntax error: Hydra's own message says where
-    named = groups()
-    picks = [o.input_line for o in overrides if o.key_or_group.startswith("hydra.searchpath") or o.is_add()
-             or o.is_delete() or o.is_force_add() or o.key_or_group.split("@")[0] in named]
+    named, problems = groups(), []
+    picks = [o for o in overrides if o.type is not OverrideType.CHANGE or o.key_or_group.startswith("hydra")
+             or o.key_or_group.split("@")[0] in named]  # group options, `+key`, `~key` and Hydra's own keys
     try:
-        cfg = compose([p for p in picks if not p.startswith("hydra") or p.startswith("hydra.searchpath=")])
+        cfg = compose([o.input_line for o in picks if o.key_or_group == "hydra.searchpath"
+                       or not o.key_or_group.startswith("hydra")])
     except HydraException:
         return deleted_groups(overrides)  # else an unknown option and the like: Hydra lists the choices
-    problems = []
-    for o in overrides:
-        if o.input_line in picks or o.key_or_group.startswith("hydra"):
-            continue
+    for o in [o for o in overrides if o not in picks]:
         parent_key, _, leaf = o.key_or_group.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        parent = OmegaConf.select(cfg, parent_key)
         if not isinstance(parent, DictConfig):
             problems.append(f"{o.key_or_group}: unknown key ({parent_key or 'the config'} has no such section)")
         elif leaf not in parent:
@@ -171,4 +168,4 @@ def check_command_line(argv: list[str]) -> None:
     if problems:
         n, what = len(problems), "unknown key" if len(unknown) == len(problems) else "problem"
         print_error(f"the command line has {n} {what}{'s' * (n > 1)}:\n  " + "\n  ".join(problems))
-        sys.exit(2)
+        raise SystemExit(2)
