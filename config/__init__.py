@@ -1,5 +1,4 @@
-"""Config checking, above the trainer: `check(cfg)` raises ConfigError listing every problem at once (exit code
-2) before data or device are touched; the command line is checked before Hydra starts (config/cli.py)."""
+"""Config checking: `check(cfg)` raises ConfigError listing every problem at once, before data or device are used."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Binding the config to what it names: the closed groups against their pydantic models, every `_target_` node
-against its target's signature and type hints, and a failing constructor's error named by its key (DESIGN.md)."""
+"""The config bound to what it names: closed groups to their pydantic models, `_target_` nodes to their targets."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The command line, checked before Hydra starts (DESIGN.md says why): unknown keys, an option listed twice, a
-required group deleted, a run folder that cannot be made, a sweep's unresolvable values; a key given twice warns."""
+"""The command line, checked before Hydra starts (DESIGN.md says why); a key given twice is only a warning."""
 
 from __future__ import annotations
 
@@ -88,8 +87,7 @@ def given_twice(overrides: list[Override]) -> list[str]:
 
 
 def deleted_groups(overrides: list[Override]) -> list[str]:
-    """`~optimizer`: a run needs one option of each required group, and `~recipe` cannot compose (the defaults list
-    interpolates it); Hydra would fail on its defaults list."""
+    """`~group`: a run needs an option of each required group, and `~recipe` cannot compose (the defaults use it)."""
     required = required_groups()
     return ["~recipe: to run without a recipe, leave recipe out (or write recipe=null)" if o.key_or_group == "recipe"
             else f"~{o.key_or_group}: a run needs one option of the group {o.key_or_group}; pick an option: "

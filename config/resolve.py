@@ -1,5 +1,4 @@
-"""Values that cannot be resolved (a missing key, an unset environment variable, an unknown resolver, a resolver
-that raises, a reference cycle), each with its expression, why and the fix."""
+"""Values that cannot be resolved (a missing key or variable, a failing resolver, a cycle): why, and the fix."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ _ABSENT = object()
 
 
 def unresolvable(cfg: DictConfig) -> dict[str, str]:
-    """Every value whose interpolation cannot be resolved: full key -> `key=expression: cannot be resolved: why;
-    fix`. The hydra node is left out: Hydra resolves it, some of it only inside a run."""
+    """Full key -> `key=expression: cannot be resolved: why; fix` for each value that does not resolve (not hydra's)."""
     failed: dict[str, tuple[str, Exception]] = {}
 
     def walk(node: DictConfig | ListConfig, path: str) -> None:

@@ -1,5 +1,4 @@
-"""Rules across groups that no single component can check (each stated once: here, or in the module that owns
-it), the cheap construction of the parts that hold no data, and the oddities (valid, probably not meant)."""
+"""Rules across groups (each stated once), the construction of the parts that hold no data, and the oddities."""
 
 from __future__ import annotations
 
@@ -176,8 +175,7 @@ def augment(factory: Any) -> Any:
 
 
 def oddities(cfg: DictConfig) -> list[str]:
-    """Settings that run but probably do not do what was meant, one line each (a smoke test shorter than an
-    epoch evaluates only at its end: legitimate, so a warning)."""
+    """Settings that run but probably do not do what was meant (warnings, one line each)."""
     p, lines = {}, []
     (total, spe), evals, needs = horizon_numbers(cfg, p), get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
     every = Horizon(total, spe or 1).steps(evals) if total and (spe or "ep" not in str(evals)) else None
