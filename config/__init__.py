@@ -27,7 +27,7 @@ def problems(cfg: DictConfig) -> list[str]:
         p.setdefault("<checker>", f"the config could not be checked completely ({type(e).__name__}: {e}); "
                                   "please report this")
     order = {g: i for i, g in enumerate(TOP_LEVEL)}  # values that do not resolve first, then as the config reads
-    return [line for key, line in sorted(p.items(), key=lambda x: (": cannot be resolved: " not in x[1],
+    return [line for _, line in sorted(p.items(), key=lambda x: (": cannot be resolved: " not in x[1],
                                                                     order.get(x[0].split(".")[0], len(order))))]
 
 

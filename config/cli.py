@@ -31,7 +31,7 @@ def groups() -> set[str]:
 def required_groups() -> dict[str, list[str]]:
     """The groups every run has an option of (train.yaml's non-null defaults) -> their options."""
     entries = [e for e in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(e, DictConfig) and len(e) == 1]
-    return {g: options(g) for e in entries for g, v in e.items() if v is not None and " " not in g and "@" not in g}
+    return {g: options(g) for e in entries for g in map(str, e) if " " not in g and "@" not in g and e[g] is not None}
 
 
 def unknown_keys(args: list[str]) -> list[str]:

@@ -70,7 +70,7 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
         named = re.search(r"key '([^']*)'", msg)
         ref = absent[0] if absent else named[1] if named else msg
         parent, _, leaf = ref.rpartition(".")
-        node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False) if parent else cfg
+        node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False)  # "" is the root
         close = closest(leaf, node if isinstance(node, DictConfig) else [])
         hint = (f"did you mean ${{{ref.removesuffix(leaf)}{close}}}?" if close
                 else "refer to a key the config has (python train.py --cfg job lists them)")
