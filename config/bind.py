@@ -1,8 +1,6 @@
-"""Binding the config to what it names: the closed groups against their pydantic models, every `_target_` node
-against its target's signature and type hints, and a failing constructor's error named by its key (DESIGN.md)."""
+"""The config bound to what it names: closed groups to their pydantic models, `_target_` nodes to their targets."""
 
-from __future__ import annotations
-
+import contextlib
 import difflib
 import inspect
 import types
@@ -20,7 +18,8 @@ from core.protocol import interpolated_from
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 SUPPLIED = {"params", "horizon", "num_features", "self"}  # what the trainer passes to `_partial_` factories
-TOP_LEVEL = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", *GROUPS)
+BOUND = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop")  # groups of `_target_` nodes
+TOP_LEVEL = (*BOUND, *GROUPS)
 Problems = dict[str, str]  # full key -> its line; the first found for a key wins
 
 
@@ -28,21 +27,30 @@ def fmt(value: Any, limit: int = 60) -> str:
     """A value as the user would write it on the command line."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
+    text = repr(value) if isinstance(value, str) else str(value)
     if isinstance(value, list | tuple):
         text = "[" + ", ".join(fmt(v, limit) for v in value) + "]"
     elif isinstance(value, Mapping):
         text = "{" + ", ".join(f"{k}: {fmt(v, limit)}" for k, v in value.items()) + "}"
-    else:
-        text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def closest(word: str, choices: Iterable[Any]) -> str | None:
+    """The choice `word` was probably meant to be, or None."""
+    return next(iter(difflib.get_close_matches(word, [str(c) for c in choices], n=1)), None)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean '{close[0]}'?"
+    if close := closest(word, choices):
+        return f"did you mean '{close}'?"
     return f"allowed: {', '.join(choices)}" if choices else "no keys are allowed here"
+
+
+def reason(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def describe(hint: Any, meta: Iterable[Any] = ()) -> str:
@@ -75,7 +83,7 @@ def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]
     """Top-level keys, required groups and the closed groups' values (their pydantic models)."""
     for key in map(str, cfg):
         if key != "hydra" and key not in TOP_LEVEL:
-            p.setdefault(key, f"{key}={fmt(raw(cfg, key))}: unknown top-level key; {did_you_mean(key, TOP_LEVEL)}")
+            p.setdefault(key, f"{key}={fmt(resolved(cfg, key))}: unknown top-level key; {did_you_mean(key, TOP_LEVEL)}")
     for group, options in required.items():
         if group not in cfg:  # ~group: the trainer reads every one of them
             p.setdefault(group, f"{group}: missing (~{group}?); a run needs one option of the group {group}; pick "
@@ -93,7 +101,7 @@ def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]
                     key, info = f"{key}.{part}", m.model_fields[part]
                     m = next((a for a in (info.annotation, *typing.get_args(info.annotation))
                               if inspect.isclass(a) and issubclass(a, BaseModel)), None)
-                leaf, value = str(err["loc"][-1]), raw(cfg, key)
+                leaf, value = str(err["loc"][-1]), resolved(cfg, key)
                 if err["type"] == "extra_forbidden":
                     p.setdefault(f"{key}.{leaf}", f"{key}.{leaf}={fmt(err['input'])}: unknown key in {key}; "
                                                   f"{did_you_mean(leaf, m.model_fields if m else [])}")
@@ -102,34 +110,17 @@ def check_groups(cfg: DictConfig, p: Problems, required: Mapping[str, list[str]]
                                       f"{describe(info.annotation, info.metadata)}")
 
 
-def raw(node: DictConfig, key: Any) -> Any:
-    """A value (a dotted key below `node`) for messages: resolved when possible, else its raw text."""
-    try:
-        value = OmegaConf.select(node, str(key), default=None)
+def resolved(node: DictConfig, key: str) -> Any:
+    """The value at the dotted `key` below `node`, resolved (a node as plain data); None if absent or unresolvable."""
+    with contextlib.suppress(Exception):
+        value = OmegaConf.select(node, key, default=None)
         return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
-    except Exception:
-        return node._get_node(key)._value()
+    return None
 
 
 def under(p: Problems, *prefixes: str) -> bool:
     """Any problem at, below or above one of `prefixes`."""
     return any(k == q or k.startswith(q + ".") or q.startswith(k + ".") for k in p for q in prefixes)
-
-
-def locate(node: DictConfig, key: str, p: Problems) -> Any:
-    """What `_target_` names, or None (with a problem when it cannot be imported)."""
-    target = node.get("_target_")
-    try:
-        return get_object(target)
-    except Exception as e:
-        module, _, name = str(target).rpartition(".")
-        try:
-            hint = did_you_mean(name, [n for n in dir(get_object(module)) if not n.startswith("_")])
-            why = f"module {module!r} has no {name!r}" + (f"); {hint}" if "did you mean" in hint else ")")
-        except Exception:
-            why = f"{type(e).__name__}: {e})"
-        p.setdefault(f"{key}._target_", f"{key}._target_={fmt(target)}: cannot be imported ({why}")
-        return None
 
 
 def targets(node: Any, key: str) -> Iterable[tuple[str, DictConfig]]:
@@ -138,37 +129,44 @@ def targets(node: Any, key: str) -> Iterable[tuple[str, DictConfig]]:
         if "_target_" in node and not OmegaConf.is_interpolation(node, "_target_"):
             yield key, node
         for k in node:
-            child = node._get_node(k)
             if not OmegaConf.is_interpolation(node, k):
-                yield from targets(child, f"{key}.{k}")
+                yield from targets(node._get_node(k), f"{key}.{k}")
 
 
 def bind(node: DictConfig, key: str, p: Problems) -> None:
     """Keys against the target's signature, values against its type hints."""
-    obj = locate(node, key, p)
+    try:
+        obj = get_object(node._target_)
+    except Exception as e:
+        module, _, name = str(node._target_).rpartition(".")
+        try:
+            close = closest(name, [n for n in dir(get_object(module)) if not n.startswith("_")])
+            why = f"module {module!r} has no {name!r})" + (f"; did you mean '{close}'?" if close else "")
+        except Exception:
+            why = f"{type(e).__name__}: {e})"
+        p.setdefault(f"{key}._target_", f"{key}._target_={fmt(node._target_)}: cannot be imported ({why}")
+        return
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
-        return  # no target, or no signature to bind against (a builtin)
-    try:
+        return  # no signature to bind against (a builtin)
+    hints = {}
+    with contextlib.suppress(Exception):  # annotations that do not evaluate: the keys are still checked
         hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    except Exception:
-        hints = {}
     kwargs = any(q.kind is q.VAR_KEYWORD for q in params.values())
     named = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
-    if not node.get("_partial_", False):
-        for n in named:
-            if params[n].default is params[n].empty and n not in node:
-                p.setdefault(f"{key}.{n}", f"{key}.{n}: missing; {node._target_} requires it")
+    for n in [] if node.get("_partial_", False) else named:  # a `_partial_` factory gets the rest later
+        if params[n].default is params[n].empty and n not in node:
+            p.setdefault(f"{key}.{n}", f"{key}.{n}: missing; {node._target_} requires it")
     for k in map(str, node):
         full = f"{key}.{k}"
         if k in HYDRA_KEYS or under(p, full) or OmegaConf.is_interpolation(node, k):
             continue  # an interpolated value is checked where it is defined
         if k not in params and not kwargs:
-            p.setdefault(full, f"{full}={fmt(raw(node, k))}: unknown key for {node._target_}; "
+            p.setdefault(full, f"{full}={fmt(resolved(node, k))}: unknown key for {node._target_}; "
                                f"{did_you_mean(k, set(named) - SUPPLIED)}")
-        elif k in hints and not isinstance(node[k], DictConfig) and not fits(raw(node, k), hints[k]):
-            p.setdefault(full, f"{full}={fmt(raw(node, k))}: must be {describe(hints[k])} (the type of `{k}` in "
+        elif k in hints and not isinstance(node[k], DictConfig) and not fits(resolved(node, k), hints[k]):
+            p.setdefault(full, f"{full}={fmt(resolved(node, k))}: must be {describe(hints[k])} (the type of `{k}` in "
                                f"{node._target_})")
 
 
@@ -176,30 +174,22 @@ def fits(value: Any, hint: Any) -> bool:
     """`value` fits the annotation (strictly: 'yes' is no bool); True when pydantic cannot judge the hint."""
     try:
         adapter = TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True, strict=True))
+        for v in [value, tuple(value)] if isinstance(value, list) else [value]:  # YAML has no tuples
+            with contextlib.suppress(ValidationError):
+                adapter.validate_python(v)
+                return True
+        return False
     except Exception:
         return True
-    for v in [value, tuple(value)] if isinstance(value, list) else [value]:  # YAML has no tuples
-        try:
-            adapter.validate_python(v)
-            return True
-        except ValidationError:
-            pass
-        except Exception:
-            return True
-    return False
 
 
 def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problems) -> None:
     """instantiate(node) and `build` it; when that fails, name the key (or keys) that break it and their defaults.
     Keys already reported (or interpolating one) stay at their defaults, so no problem is reported twice."""
-    node = OmegaConf.select(cfg, key)
-    if not isinstance(node, DictConfig) or "_target_" not in node or any(
+    tree = resolved(cfg, key)
+    if not isinstance(tree, dict) or "_target_" not in tree or any(
             k.startswith(key + ".") and k.endswith("._target_") for k in p):
         return
-    try:
-        tree = OmegaConf.to_container(node, resolve=True)
-    except Exception:
-        return  # a value that does not resolve: reported already
     spare: dict[str, tuple[Any, Any, str]] = {}  # path -> (value, the default, target)
 
     def walk(d: dict, path: str) -> None:
@@ -209,8 +199,6 @@ def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problem
                 walk(v, f"{path}{k}.")
             elif k not in HYDRA_KEYS and (k not in params or params[k].default is not params[k].empty):
                 spare[path + k] = (v, params[k].default if k in params else params, d["_target_"])
-
-    walk(tree, "")
 
     def attempt(keep: Iterable[str]) -> Exception | None:
         def prune(d: dict, path: str) -> dict:
@@ -222,26 +210,25 @@ def construct(cfg: DictConfig, key: str, build: Callable[[Any], Any], p: Problem
             return e.__cause__ or e
         return None
 
+    walk(tree, "")
     kept = [k for k in spare if not under(p, f"{key}.{k}", *interpolated_from(cfg, f"{key}.{k}"))]
     first = attempt(kept)
     if first is None:
         return
     if attempt([]) is not None:  # broken even at its defaults: the node as a whole
-        msg = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
-        p.setdefault(key, msg if msg.startswith(key.split(".")[0] + ".") else f"{key} ({node._target_}): {msg}")
+        msg = reason(first)
+        p.setdefault(key, msg if msg.startswith(key.split(".")[0] + ".") else f"{key} ({tree['_target_']}): {msg}")
         return
     good: list[str] = []
     for k in kept:
-        e = attempt([*good, k])
+        (value, default, target), full, e = spare[k], f"{key}.{k}", attempt([*good, k])
         if e is None:
             good.append(k)
-            continue
-        (value, default, target), full = spare[k], f"{key}.{k}"
-        if isinstance(default, Mapping):  # not a parameter: a **kwargs target passed it on
+        elif isinstance(default, Mapping):  # not a parameter: a **kwargs target passed it on
             p.setdefault(full, f"{full}={fmt(value)}: unknown key for {target}; "
                                f"{did_you_mean(k.rpartition('.')[2], set(default) - SUPPLIED)}")
-            continue
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        for shown in (f"{full}={value!r}", f"{full}={fmt(value)}", full):
-            msg = msg[len(shown):].lstrip(" :") if msg.startswith(shown) else msg
-        p.setdefault(full, f"{full}={fmt(value)}: {msg}; the default is {full}={fmt(default)} ({target})")
+        else:
+            msg = reason(e)
+            for shown in (f"{full}={value!r}", f"{full}={fmt(value)}", full):
+                msg = msg.removeprefix(shown).lstrip(" :")
+            p.setdefault(full, f"{full}={fmt(value)}: {msg}; the default is {full}={fmt(default)} ({target})")

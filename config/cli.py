@@ -1,21 +1,18 @@
-"""The command line, checked before Hydra starts (DESIGN.md says why): unknown keys, an option listed twice, a
-required group deleted, a run folder that cannot be made, a sweep's unresolvable values; a key given twice warns."""
+"""The command line, checked before Hydra starts (DESIGN.md says why); a key given twice is only a warning."""
 
-from __future__ import annotations
-
-import difflib
+import contextlib
 import itertools
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from config.bind import closest
 from config.resolve import unresolvable
 from core.config import CONF, compose
 from core.log import print_error, print_warning
@@ -32,11 +29,9 @@ def groups() -> set[str]:
 
 
 def required_groups() -> dict[str, list[str]]:
-    """The groups every run has an option of (train.yaml's non-null defaults, and `recipe`: the defaults list
-    interpolates it, so `~recipe` cannot compose) -> their options."""
+    """The groups every run has an option of (train.yaml's non-null defaults) -> their options."""
     entries = [e for e in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(e, DictConfig) and len(e) == 1]
-    return {g: options(g) for e in entries for g in map(str, e)
-            if " " not in g and "@" not in g and (e[g] is not None or g == "recipe")}
+    return {g: options(g) for e in entries for g in map(str, e) if " " not in g and "@" not in g and e[g] is not None}
 
 
 def unknown_keys(args: list[str]) -> list[str]:
@@ -45,24 +40,22 @@ def unknown_keys(args: list[str]) -> list[str]:
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return []  # a syntax error: Hydra's own message says where
-    named = groups()
-    picks = [o.input_line for o in overrides if o.key_or_group.startswith("hydra.searchpath") or o.is_add()
-             or o.is_delete() or o.is_force_add() or o.key_or_group.split("@")[0] in named]
+    named, problems = groups(), []
+    picks = [o for o in overrides if o.type is not OverrideType.CHANGE or o.key_or_group.startswith("hydra")
+             or o.key_or_group.split("@")[0] in named]  # group options, `+key`, `~key` and Hydra's own keys
     try:
-        cfg = compose([p for p in picks if not p.startswith("hydra") or p.startswith("hydra.searchpath=")])
+        cfg = compose([o.input_line for o in picks if o.key_or_group == "hydra.searchpath"
+                       or not o.key_or_group.startswith("hydra")])
     except HydraException:
         return deleted_groups(overrides)  # else an unknown option and the like: Hydra lists the choices
-    problems = []
-    for o in overrides:
-        if o.input_line in picks or o.key_or_group.startswith("hydra"):
-            continue
+    for o in [o for o in overrides if o not in picks]:
         parent_key, _, leaf = o.key_or_group.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        parent = OmegaConf.select(cfg, parent_key)
         if not isinstance(parent, DictConfig):
             problems.append(f"{o.key_or_group}: unknown key ({parent_key or 'the config'} has no such section)")
         elif leaf not in parent:
-            close = difflib.get_close_matches(leaf, [str(k) for k in parent], n=1)
-            hint = f"; did you mean '{parent_key + '.' if parent_key else ''}{close[0]}'?" if close else ""
+            close = closest(leaf, parent)
+            hint = f"; did you mean '{o.key_or_group.removesuffix(leaf)}{close}'?" if close else ""
             problems.append(f"{o.key_or_group}={o.value()}: unknown key{hint} "
                             f"(to add a new key on purpose: +{o.key_or_group}=...)")
     return problems
@@ -71,11 +64,9 @@ def unknown_keys(args: list[str]) -> list[str]:
 def listed_twice(overrides: list[Override]) -> list[str]:
     """`group=[a,a]`: Hydra merges the option into one node, so the run would apply it once."""
     problems, named = [], groups()
-    for o in overrides:
-        value = o.value() if o.key_or_group in named else None
-        for choice in value.list if isinstance(value, ChoiceSweep) else [value]:
-            twice = [x for i, x in enumerate(choice) if x in choice[:i]] if isinstance(choice, list) else []
-            if twice:
+    for o in (o for o in overrides if o.key_or_group in named):
+        for choice in o.value().list if isinstance(o.value(), ChoiceSweep) else [o.value()]:
+            if isinstance(choice, list) and (twice := [x for i, x in enumerate(choice) if x in choice[:i]]):
                 group, once = o.key_or_group, ",".join(str(x) for x in dict.fromkeys(choice))
                 problems.append(f"{group}=[{','.join(str(x) for x in choice)}]: lists {twice[0]} twice, but an "
                                 f"option is one config node ({group}.{twice[0]}), so Hydra keeps one and the run "
@@ -94,12 +85,12 @@ def given_twice(overrides: list[Override]) -> list[str]:
 
 
 def deleted_groups(overrides: list[Override]) -> list[str]:
-    """`~optimizer`: a run needs one option of each required group (Hydra fails on its defaults list)."""
+    """`~group`: a run needs an option of each required group, and `~recipe` cannot compose (the defaults use it)."""
     required = required_groups()
     return ["~recipe: to run without a recipe, leave recipe out (or write recipe=null)" if o.key_or_group == "recipe"
             else f"~{o.key_or_group}: a run needs one option of the group {o.key_or_group}; pick an option: "
                  f"{o.key_or_group}=<name> ({', '.join(required[o.key_or_group])}; conf/{o.key_or_group}/)"
-            for o in overrides if o.is_delete() and o.key_or_group in required]
+            for o in overrides if o.is_delete() and o.key_or_group in {*required, "recipe"}]
 
 
 def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
@@ -110,11 +101,9 @@ def run_dir_problem(overrides: list[Override], multirun: bool) -> str | None:
     static = raw.split("${", 1)[0] if isinstance(raw, str) else ""
     if not static:
         return None
-    folder = Path(static).expanduser()
+    folder = Path.cwd() / Path(static).expanduser()
     folder = folder.parent if "${" in raw and not static.endswith("/") else folder  # runs/x_${now:...}
-    existing = folder if folder.is_absolute() else Path.cwd() / folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = next(d for d in (folder, *folder.parents) if d.exists())
     fix = f"choose another folder: {key}=</path/to/folder>"
     if not existing.is_dir():
         return f"{key}={raw!r}: cannot be created: {existing} is a file, not a folder; {fix}"
@@ -131,8 +120,7 @@ def sweep_unresolvable(args: list[str]) -> list[str]:
     parser = OverridesParser.create()
     try:
         fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
-        params = compose(fixed, hydra=True).hydra.sweeper.get("params")
-        params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else {}
+        params = OmegaConf.to_container(compose(fixed, hydra=True).hydra.sweeper).get("params") or {}
         lines = [o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + args)
                  if not o.is_sweep_override() or o.is_discrete_sweep()]
     except HydraException:
@@ -140,17 +128,15 @@ def sweep_unresolvable(args: list[str]) -> list[str]:
     axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
             else [o.input_line] for o in lines]
     swept, named = {o.get_key_element() for o in lines if o.is_sweep_override()}, groups()
-    jobs = [list(job) for job in itertools.product(*axes)]
-    found: dict[str, list[str]] = {}
-    checked: dict[tuple[str, ...], list[str]] = {}
+    jobs = list(itertools.product(*axes))
+    found, checked = {}, {}  # line -> the jobs it is in; a job's shape -> its lines
     for job in jobs:
         shape = tuple(x.split("=", 1)[0] if x.split("=", 1)[0].split("@")[0] not in named and "{" not in x else x
                       for x in job)
         if shape not in checked:
-            try:
+            checked[shape] = []  # a job that does not compose: Hydra names the option it cannot find
+            with contextlib.suppress(HydraException):
                 checked[shape] = list(unresolvable(compose(job)).values())
-            except HydraException:
-                checked[shape] = []  # a job that does not compose: Hydra names the option it cannot find
         label = " ".join(re.sub(r"\\(.)", r"\1", x) for x in job if x.split("=", 1)[0] in swept)
         for line in checked[shape]:
             found.setdefault(line, []).append(label)
@@ -178,4 +164,4 @@ def check_command_line(argv: list[str]) -> None:
     if problems:
         n, what = len(problems), "unknown key" if len(unknown) == len(problems) else "problem"
         print_error(f"the command line has {n} {what}{'s' * (n > 1)}:\n  " + "\n  ".join(problems))
-        sys.exit(2)
+        raise SystemExit(2)

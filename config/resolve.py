@@ -1,14 +1,10 @@
-"""Values that cannot be resolved (a missing key, an unset environment variable, an unknown resolver, a resolver
-that raises, a reference cycle), each with its expression, why and the fix."""
-
-from __future__ import annotations
+"""Values that cannot be resolved (a missing key or variable, a failing resolver, a cycle): why, and the fix."""
 
 import contextlib
-import difflib
 import importlib
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -16,85 +12,56 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.basecontainer import BaseContainer
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType
 
-from config.bind import fmt, targets
+from config.bind import closest, fmt, reason, targets
+from core.protocol import interpolated_from
 
 _ABSENT = object()
 
 
-def unresolvable(cfg: DictConfig, skip: Iterable[str] = ("hydra",)) -> dict[str, str]:
-    """Every value whose interpolation cannot be resolved: full key -> `key=expression: cannot be resolved: why;
-    fix`. The top-level keys in `skip` are left out (Hydra resolves its own node, some of it only inside a run)."""
+def unresolvable(cfg: DictConfig) -> dict[str, str]:
+    """Full key -> `key=expression: cannot be resolved: why; fix` for each value that does not resolve (not hydra's)."""
     failed: dict[str, tuple[str, Exception]] = {}
 
     def walk(node: DictConfig | ListConfig, path: str) -> None:
         for k in (node.keys() if isinstance(node, DictConfig) else range(len(node))):
-            full = f"{path}.{k}" if path else str(k)
-            if not path and k in skip:
+            full, child = f"{path}.{k}" if path else str(k), node._get_node(k)
+            if not path and k == "hydra":
                 continue
             if OmegaConf.is_interpolation(node, k):
                 try:
                     node[k]  # a value taken from elsewhere is checked where it is defined, not here again
                 except Exception as e:
-                    text = str(node._get_node(k)._value())
-                    if "${hydra:" not in text or HydraConfig.initialized():  # known only inside a Hydra run
-                        failed[full] = (text, e)
-                continue
-            child = node._get_node(k)
-            if child._is_missing():
+                    if "${hydra:" not in str(child._value()) or HydraConfig.initialized():  # known only in a run
+                        failed[full] = (str(child._value()), e)
+            elif child._is_missing():
                 failed[full] = ("???", InterpolationToMissingValueError("a value is required here"))
-                continue
-            if isinstance(child, DictConfig | ListConfig) and not child._is_none() and not child._is_missing():
+            elif isinstance(child, DictConfig | ListConfig) and not child._is_none():
                 walk(child, full)
 
     walk(cfg, "")
-    if any(isinstance(e, UnsupportedInterpolationType) for _, e in failed.values()) and _import_targets(cfg):
-        return unresolvable(cfg, skip)  # a task's module may register the resolver when it is imported
+    if any(isinstance(e, UnsupportedInterpolationType) for _, e in failed.values()):
+        # a task's module may register the resolver: import the targets' modules, as constructing them would
+        new = {str(node._target_).rpartition(".")[0] for _, node in targets(cfg, "")} - set(sys.modules)
+        for module in new:
+            with contextlib.suppress(Exception):  # reported as a target that cannot be imported
+                importlib.import_module(module)
+        if any(module in sys.modules for module in new):
+            return unresolvable(cfg)
     return {key: f"{key}={fmt(text, 200)}: cannot be resolved: {why(cfg, key, text, e, failed)}"
             for key, (text, e) in failed.items()}
 
 
-def _import_targets(cfg: DictConfig) -> bool:
-    """Import the module of every `_target_` (as constructing the config would); True when one was new."""
-    new = {str(node._target_).rpartition(".")[0] for _, node in targets(cfg, "")} - set(sys.modules)
-    for module in new:
-        with contextlib.suppress(Exception):  # reported as a target that cannot be imported
-            importlib.import_module(module)
-    return any(module in sys.modules for module in new)
-
-
-def references(key: str, text: str) -> list[str]:
-    """The keys the expression `text` at `key` refers to, absolute (`${.lr}` next to `optimizer.x` is
-    optimizer.lr)."""
-    out = []
-    for ref in re.findall(r"\$\{(\.*[A-Za-z_][\w.\[\]]*)\}", text):
-        dots = len(ref) - len(ref.lstrip("."))
-        out.append(".".join([*key.split(".")[:-dots], ref.lstrip(".")]) if dots else ref)
-    return out
-
-
-def _cycle(cfg: DictConfig, key: str) -> list[str]:
-    """key -> ... -> key, following each expression's first reference."""
-    chain = [key]
-    while len(chain) < 50:
-        node = OmegaConf.select(cfg, chain[-1].rpartition(".")[0]) if "." in chain[-1] else cfg
-        refs = references(chain[-1], str(node._get_node(chain[-1].rpartition(".")[2])._value()))
-        chain.append(refs[0] if refs else key)
-        if chain[-1] in chain[:-1]:
-            break
-    return chain
-
-
-def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any] | None = None) -> str:
-    """Why the expression `text` at `key` does not resolve, and the fix."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    refs = references(key, text)
+def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str, Any]) -> str:
+    """Why the expression `text` at `key` does not resolve (`failed`: the other keys that do not), and the fix."""
+    msg, refs = reason(e), interpolated_from(cfg, key)
     if "Recursive interpolation" in msg:
-        return f"a reference cycle ({' -> '.join(_cycle(cfg, key))}); give one of these keys a value"
-    broken = [r for r in refs if r in (failed or {})]
-    if broken:
+        chain = [key]  # key -> ... -> key, following each expression's first reference
+        while len(chain) < 50 and chain[-1] not in chain[:-1]:
+            chain.append(next(iter(interpolated_from(cfg, chain[-1])), key))
+        return f"a reference cycle ({' -> '.join(chain)}); give one of these keys a value"
+    if broken := [r for r in refs if r in failed]:
         return f"it refers to {broken[0]}, which cannot be resolved itself (see {broken[0]})"
-    env = re.search(r"Environment variable '([^']*)' not found", msg)
-    if env:
+    if env := re.search(r"Environment variable '([^']*)' not found", msg):
         return (f"the environment variable {env[1]} is not set; set it (export {env[1]}=...) or give a default: "
                 f"${{oc.env:{env[1]},<default>}}")
     if isinstance(e, InterpolationKeyError):
@@ -103,9 +70,9 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
         named = re.search(r"key '([^']*)'", msg)
         ref = absent[0] if absent else named[1] if named else msg
         parent, _, leaf = ref.rpartition(".")
-        node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False) if parent else cfg
-        close = difflib.get_close_matches(leaf, [str(k) for k in node] if isinstance(node, DictConfig) else [], n=1)
-        hint = (f"did you mean ${{{parent + '.' if parent else ''}{close[0]}}}?" if close
+        node = OmegaConf.select(cfg, parent, default=None, throw_on_resolution_failure=False)  # "" is the root
+        close = closest(leaf, node if isinstance(node, DictConfig) else [])
+        hint = (f"did you mean ${{{ref.removesuffix(leaf)}{close}}}?" if close
                 else "refer to a key the config has (python train.py --cfg job lists them)")
         return f"the config has no key {ref}; {hint}"
     if text == "???":
@@ -115,9 +82,9 @@ def why(cfg: DictConfig, key: str, text: str, e: Exception, failed: Mapping[str,
         return f"it refers to {target}, which has no value (???); set {target}"
     if isinstance(e, UnsupportedInterpolationType):
         name, known = msg.rsplit(" ", 1)[-1], sorted(getattr(BaseContainer, "_resolvers", {}))
-        close = difflib.get_close_matches(name, known, n=1)
-        return f"no resolver is named {name!r}; " + (f"did you mean {close[0]}?" if close
-                                                      else f"the resolvers here: {', '.join(known)}")
+        close = closest(name, known)
+        hint = f"did you mean {close}?" if close else f"the resolvers here: {', '.join(known)}"
+        return f"no resolver is named {name!r}; {hint}"
     resolver = re.match(r"\$\{([\w.]+):", text)
     cause = re.sub(r"^(\w+) raised while resolving interpolation: ", r"\1: ", msg)
     what = f"the resolver {resolver[1]} failed" if resolver else "resolving it failed"

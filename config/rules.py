@@ -1,17 +1,15 @@
-"""Rules across groups that no single component can check (each stated once: here, or in the module that owns
-it), the cheap construction of the parts that hold no data, and the oddities (valid, probably not meant)."""
+"""Rules across groups (each stated once), the construction of the parts that hold no data, and the oddities."""
 
-from __future__ import annotations
-
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from config.bind import Problems, construct, fmt, under
+from config.bind import Problems, construct, fmt, resolved, under
 from core.batches import split_problem, usable_cores
 from core.config import parse_duration
 from core.protocol import interpolated_from, unreported
@@ -24,19 +22,15 @@ from trainer.device import machine_problems, resolve_device
 
 def get(cfg: DictConfig, key: str, p: Problems) -> Any:
     """The resolved value at `key` when it exists and has no problem; else None."""
-    try:
-        value = None if under(p, key) else OmegaConf.select(cfg, key, throw_on_missing=False)
-        return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
-    except Exception:
-        return None  # does not resolve: reported already
+    return None if under(p, key) else resolved(cfg, key)
 
 
 def target(cfg: DictConfig, key: str, p: Problems) -> Any:
+    """What `key._target_` names, or None."""
     name = get(cfg, f"{key}._target_", p)
-    try:
+    with contextlib.suppress(Exception):
         return get_object(name) if isinstance(name, str) else None
-    except Exception:
-        return None
+    return None
 
 
 def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
@@ -44,23 +38,20 @@ def task_settings(cfg: DictConfig, p: Problems) -> tuple[Any, dict]:
     node, cls = cfg.get("task"), target(cfg, "task", p)
     keys = [str(k) for k in node if not under(p, f"task.{k}")] if isinstance(node, DictConfig) else []
     task = {k: get(cfg, f"task.{k}", p) for k in keys}  # the keys with a problem take their defaults
-    try:
+    params = []
+    with contextlib.suppress(TypeError, ValueError):  # no signature (a builtin): no defaults
         params = inspect.signature(cls).parameters.values() if inspect.isclass(cls) else []
-    except (TypeError, ValueError):
-        params = []
     return cls, {**{q.name: q.default for q in params if q.default is not q.empty}, **task}
 
 
-def horizon_numbers(cfg: DictConfig, p: Problems | None = None) -> tuple[int | None, int | None]:
+def horizon_numbers(cfg: DictConfig, p: Problems) -> tuple[int | None, int | None]:
     """(total steps, steps per epoch) as far as they are known without data (None where not)."""
-    p = {} if p is None else p
     (cls, task), batch = task_settings(cfg, p), get(cfg, "task.batch_size", p)
     n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
     spe = n // batch if n is not None and isinstance(batch, int) and 0 < batch <= n else None  # drop_last
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), spe), spe
-    except (TypeError, ValueError):
-        return None, spe
+    return None, spe
 
 
 def metric_driven(cfg: DictConfig, p: Problems) -> tuple[str, str, Any] | None:
@@ -81,15 +72,14 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
     for line in cls.check(task) if hasattr(cls, "check") else []:
         add(line.split("=")[0].split(":")[0], line)
     batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
-    if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and split_problem(batch, accum):
-        add("trainer.grad_accum", split_problem(batch, accum))
+    if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and (line := split_problem(batch, accum)):
+        add("trainer.grad_accum", line)
     n = cls.train_size_of(task) if hasattr(cls, "train_size_of") else None
     if n is not None and isinstance(batch, int) and batch > n:
         add("task.batch_size", f"task.batch_size={batch}: must be <= the training set ({n} samples)")
-    reduction = get(cfg, "regularize.loss_reduction", p)
-    if reduction is not None and reduction not in REDUCTIONS:
-        add("regularize.loss_reduction", f"regularize.loss_reduction={fmt(reduction)}: must be one of "
-                                         f"{', '.join(REDUCTIONS)}")
+    if (reduction := get(cfg, "regularize.loss_reduction", p)) not in (None, *REDUCTIONS):
+        add("regularize.loss_reduction",
+            f"regularize.loss_reduction={fmt(reduction)}: must be one of {', '.join(REDUCTIONS)}")
     evals, needs = get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
     if needs and evals is not None and parse_duration(evals)[0] == 0:
         add("trainer.eval_interval", f"trainer.eval_interval={fmt(evals)}: {needs[0]} needs evaluations during the "
@@ -98,24 +88,23 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
         check_task_fit(cfg, p, cls, task)
     for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
         path = get(cfg, key, p)
-        if not isinstance(path, str) or not path or under(p, *interpolated_from(cfg, key)):
-            continue
-        shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
-        if want == "folder" and path.exists() and not path.is_dir():
-            add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
-                     "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
-        elif want == "file" and path.is_dir():
-            add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
+        if isinstance(path, str) and path and not under(p, *interpolated_from(cfg, key)):
+            shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
+            if want == "folder" and path.exists() and not path.is_dir():
+                add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ "
+                         "and tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
+            elif want == "file" and path.is_dir():
+                add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
     resume = get(cfg, "trainer.resume", p)
     if isinstance(resume, str) and resume != "auto" and not (resume.strip() and Path(resume).expanduser().exists()):
         add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: "
                               f"{'no such file or folder' if resume.strip() else 'names no checkpoint'}; pass a run "
                               "folder that has checkpoints, a checkpoint file, trainer.resume=auto (the newest run "
                               "with the same config) or trainer.resume=null (a fresh run)")
-    name = get(cfg, "trainer.device", p)
-    for key, line in machine_problems(name, get(cfg, "trainer.compile", p) is True,
-                                      get(cfg, "trainer.strategy", p)).items() if isinstance(name, str) else ():
-        add(key, line)
+    if isinstance(device := get(cfg, "trainer.device", p), str):
+        for key, line in machine_problems(device, get(cfg, "trainer.compile", p) is True,
+                                          get(cfg, "trainer.strategy", p)).items():
+            add(key, line)
 
 
 def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
@@ -131,13 +120,12 @@ def check_task_fit(cfg: DictConfig, p: Problems, cls: type, task: dict) -> None:
                                   "single sample in training; use a larger task.batch_size, a smaller "
                                   "trainer.grad_accum, or norm=layernorm")
     evals, tests = cls.declared_metrics(task) if hasattr(cls, "declared_metrics") else ({}, {})
-    for key, every_eval in (("monitor.metric", False), ("early_stop.monitor", True), ("schedule.monitor", True),
-                            ("expect.metric", False)):
+    for key in ("monitor.metric", "early_stop.monitor", "schedule.monitor", "expect.metric"):
         metric, mode_key = get(cfg, key, p), key.rsplit(".", 1)[0] + ".mode"
         if not evals or not isinstance(metric, str) or under(p, *interpolated_from(cfg, key)):
             continue
-        line, mode, want = unreported(cfg, key, metric, name, evals, tests, every_eval), get(cfg, mode_key, p), \
-            {**evals, **tests}.get(metric)
+        line = unreported(cfg, key, metric, name, evals, tests, every_eval=key.endswith(".monitor"))
+        mode, want = get(cfg, mode_key, p), {**evals, **tests}.get(metric)
         if line:
             p.setdefault(key, line)
         elif mode in ("min", "max") and mode != want and not under(p, *interpolated_from(cfg, mode_key)):
@@ -154,21 +142,16 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
     # a run of unknown length: a horizon every duration fits, so only the schedule's other arguments are judged
     horizon = Horizon(total, spe or 1) if known else Horizon(10**12, 10**6)
     construct(cfg, "schedule", lambda made: made(horizon), p)
-    for name in get(cfg, "clip", p) or {}:
-        construct(cfg, f"clip.{name}", lambda made: made, p)
-    construct(cfg, "early_stop", lambda made: made, p)
+    for key in [*(f"clip.{name}" for name in get(cfg, "clip", p) or {}), "early_stop"]:
+        construct(cfg, key, lambda made: made, p)
     if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
         construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
     construct(cfg, "norm", lambda made: made(4), p)
+    # the trainer's param groups for a tiny model (hidden matrix, norm, head): some optimizers route by role
+    toy = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     if not under(p, "regularize.decay_bias_and_norm", "regularize.decay_embeddings"):
-        construct(cfg, "optimizer", lambda made: coupled(made(toy_groups(cfg)), cfg, p), p)
+        construct(cfg, "optimizer", lambda made: coupled(made(config_param_groups(toy, cfg.regularize)), cfg, p), p)
     construct(cfg, "regularize.augment", augment, p)
-
-
-def toy_groups(cfg: DictConfig) -> list[dict[str, Any]]:
-    """The trainer's param groups for a tiny model (hidden matrix, norm, head): some optimizers route by role."""
-    return config_param_groups(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
-                                                   torch.nn.Linear(4, 2)), cfg.regularize)
 
 
 def coupled(optimizer: Any, cfg: DictConfig, p: Problems) -> None:
@@ -190,19 +173,16 @@ def augment(factory: Any) -> Any:
 
 
 def oddities(cfg: DictConfig) -> list[str]:
-    """Settings that run but probably do not do what was meant, one line each (a smoke test shorter than an
-    epoch evaluates only at its end: legitimate, so a warning)."""
-    p: Problems = {}
+    """Settings that run but probably do not do what was meant (warnings, one line each)."""
+    p, lines = {}, []
     (total, spe), evals, needs = horizon_numbers(cfg, p), get(cfg, "trainer.eval_interval", p), metric_driven(cfg, p)
     every = Horizon(total, spe or 1).steps(evals) if total and (spe or "ep" not in str(evals)) else None
-    lines = []
     if every and every > total and not needs:
         lines.append(f"trainer.eval_interval={fmt(evals)} is {every} steps, longer than the run ({total} steps): "
                      "the only evaluation is the final one (trainer.eval_interval=0 says so without this warning)")
     if every and needs:
-        stop = needs[0] == "early stopping"
-        key = "early_stop.patience" if stop else "schedule.patience"
-        effect = "early stopping can never stop it" if stop else "reduce-on-plateau can never lower the learning rate"
+        key, effect = (("early_stop.patience", "early stopping can never stop it") if needs[0] == "early stopping"
+                       else ("schedule.patience", "reduce-on-plateau can never lower the learning rate"))
         evaluations, patience = (total - 1) // every, get(cfg, key, p)  # the last evaluation decides nothing
         needed = needs[2].evaluations_to_act(patience) if isinstance(patience, int) else 1
         if evaluations == 0:

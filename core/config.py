@@ -157,9 +157,8 @@ class ExpectConfig(Group):
 
 GROUPS: dict[str, type[Group]] = {"trainer": TrainerConfig, "data": DataConfig, "regularize": RegularizeConfig,
                                   "monitor": MonitorConfig, "expect": ExpectConfig}
-# the default options of these groups (conf/train.yaml's defaults list names them)
-for _group, _model in (("trainer", TrainerConfig), ("regularize", RegularizeConfig), ("data", DataConfig)):
-    ConfigStore.instance().store(group=_group, name="default", node=_model().model_dump())
+for _group in ("trainer", "regularize", "data"):  # their default options (conf/train.yaml's defaults list names them)
+    ConfigStore.instance().store(group=_group, name="default", node=GROUPS[_group]().model_dump())
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), hydra: bool = False, struct: bool = True) -> DictConfig:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from core.errors import TaskError
@@ -169,14 +169,18 @@ def check_monitored(cfg: DictConfig, task: Any, watched: list[tuple[str, str, bo
                         "\n".join(f"  {x}" for x in lines if x))
 
 
-_INTERP = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+_INTERP = re.compile(r"\$\{(\.*[A-Za-z_][\w.\[\]]*)\}")
 
 
 def interpolated_from(cfg: DictConfig, key: str) -> list[str]:
-    """The keys `key`'s value interpolates (`${monitor.metric}` -> ['monitor.metric']); [] for a plain value."""
+    """The full keys `key`'s value interpolates (`${monitor.metric}` -> ['monitor.metric'], `${.lr}` next to
+    optimizer.x -> ['optimizer.lr']); [] for a plain value."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-    if not isinstance(parent, DictConfig) or leaf not in parent or not OmegaConf.is_interpolation(parent, leaf):
+    if isinstance(parent, ListConfig) and leaf.isdigit() and int(leaf) < len(parent):
+        leaf = int(leaf)  # an item of a list: optimizer.betas.1
+    elif not isinstance(parent, DictConfig) or leaf not in parent:
         return []
-    raw = parent._get_node(leaf)._value()
-    return _INTERP.findall(raw) if isinstance(raw, str) else []
+    refs = _INTERP.findall(str(parent._get_node(leaf)._value())) if OmegaConf.is_interpolation(parent, leaf) else []
+    dots = [len(r) - len(r.lstrip(".")) for r in refs]  # relative: `.` is `key`'s node, each further `.` its parent
+    return [".".join([*key.split(".")[:-n], r[n:]]) if n else r for r, n in zip(refs, dots)]
