@@ -1,5 +1,7 @@
 """Config checking: `check(cfg)` raises ConfigError listing every problem at once, before data or device are used."""
 
+from __future__ import annotations
+
 from omegaconf import DictConfig
 
 from config.bind import BOUND, TOP_LEVEL, check_groups, did_you_mean, targets

@@ -1,5 +1,7 @@
 """The config bound to what it names: closed groups to their pydantic models, `_target_` nodes to their targets."""
 
+from __future__ import annotations
+
 import contextlib
 import difflib
 import inspect

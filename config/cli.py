@@ -1,5 +1,7 @@
 """The command line, checked before Hydra starts (DESIGN.md says why); a key given twice is only a warning."""
 
+from __future__ import annotations
+
 import contextlib
 import itertools
 import re

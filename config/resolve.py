@@ -1,5 +1,7 @@
 """Values that cannot be resolved (a missing key or variable, a failing resolver, a cycle): why, and the fix."""
 
+from __future__ import annotations
+
 import contextlib
 import importlib
 import re

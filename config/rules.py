@@ -1,5 +1,7 @@
 """Rules across groups (each stated once), the construction of the parts that hold no data, and the oddities."""
 
+from __future__ import annotations
+
 import contextlib
 import inspect
 from pathlib import Path
