@@ -19,6 +19,7 @@ from optim.param_groups import config_param_groups
 from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import coupled_weight_decay
 from schedules.horizon import Horizon, total_steps
+from tasks.data import root_problems
 from trainer.device import machine_problems, resolve_device
 
 
@@ -71,8 +72,11 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
         total_steps(get(cfg, "trainer.max_steps", p), get(cfg, "trainer.max_epochs", p), None)
     except ValueError as e:
         add("trainer.max_steps", str(e))
-    for line in cls.check(task) if hasattr(cls, "check") else []:
-        add(line.split("=")[0].split(":")[0], line)
+    for line in root_problems("data.root", get(cfg, "data.root", p)):
+        add("data.root", line)
+    for line in cls.check(task) if hasattr(cls, "check") else []:  # not again where a value comes from a bad key
+        if not under(p, *interpolated_from(cfg, key := line.split("=")[0].split(":")[0])):
+            add(key, line)
     batch, accum = get(cfg, "task.batch_size", p), get(cfg, "trainer.grad_accum", p)
     if isinstance(batch, int) and isinstance(accum, int) and batch > 0 and (line := split_problem(batch, accum)):
         add("trainer.grad_accum", line)
@@ -88,15 +92,6 @@ def check_rules(cfg: DictConfig, p: Problems) -> None:
                                      f"run (a non-zero interval){needs[1]}")
     if inspect.isclass(cls):
         check_task_fit(cfg, p, cls, task)
-    for key, want in (("data.root", "folder"), ("task.data_root", "folder"), ("task.text_path", "file")):
-        path = get(cfg, key, p)
-        if isinstance(path, str) and path and not under(p, *interpolated_from(cfg, key)):
-            shown, path = f"{key}={fmt(path, 1000)}", Path(path).expanduser()
-            if want == "folder" and path.exists() and not path.is_dir():
-                add(key, f"{shown}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ "
-                         "and tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)")
-            elif want == "file" and path.is_dir():
-                add(key, f"{shown}: is a folder, not a file; give a UTF-8 text file: {key}=/path/to/file.txt")
     resume = get(cfg, "trainer.resume", p)
     if isinstance(resume, str) and resume != "auto" and not (resume.strip() and Path(resume).expanduser().exists()):
         add("trainer.resume", f"trainer.resume={fmt(resume, 1000)}: "

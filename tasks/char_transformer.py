@@ -27,10 +27,17 @@ from core.task import Task
 from tasks.gpt import GPT, NormFactory
 
 
+def text_path_problems(path: object) -> list[str]:
+    if isinstance(path, str | Path) and str(path) and Path(path).expanduser().is_dir():
+        return [f"task.text_path={str(path)!r}: is a folder, not a file; give a UTF-8 text file: "
+                "task.text_path=/path/to/file.txt"]
+    return []
+
+
 def read_text(path: str | Path) -> str:
+    if problems := text_path_problems(path):
+        raise DataError(problems[0])
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise DataError(f"task.text_path={path} is a folder; give a UTF-8 text file: task.text_path=/path/to/file.txt")
     if not path.is_file():
         raise DataNotFoundError(
             f"text not found: looked for {path.resolve()}. Fix: point the data root at the folder that contains "
@@ -64,7 +71,8 @@ class CharTransformer(Task):
     def check(cls, task: Mapping[str, Any]) -> list[str]:
         heads, width = task["n_head"], task["n_embd"]
         bad = isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads
-        return super().check(task) + [f"task.n_embd={width}: must be a multiple of task.n_head={heads}"] * bool(bad)
+        return super().check(task) + [f"task.n_embd={width}: must be a multiple of task.n_head={heads}"] * bool(bad) \
+            + text_path_problems(task["text_path"])
 
     def __init__(self, text_path: str, block_size: int = 64, batch_size: int = 12, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, bias: bool = True, dropout: float = 0.0,

@@ -27,6 +27,14 @@ def mnist_train_size(val_size: object) -> int | None:
     return MNIST_TRAIN - val_size if isinstance(val_size, int) and 0 <= val_size < MNIST_TRAIN else None
 
 
+def root_problems(key: str, root: object) -> list[str]:
+    """A data root that names a file, not a folder (a missing one is reported when the data are read)."""
+    if isinstance(root, str) and root and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+        return [f"{key}={root!r}: is a file, not a folder; point {key} at the folder that holds MNIST/raw/ and "
+                "tinyshakespeare/ (data.root=/path/to/data or export KILN_DATA_ROOT=/path/to/data)"]
+    return []
+
+
 def val_size_problems(val_size: object, smallest: int, why: str) -> list[str]:
     """task.val_size's rule for an MNIST task: an int in [smallest, MNIST_TRAIN - 1]."""
     if isinstance(val_size, int) and not isinstance(val_size, bool) and smallest <= val_size < MNIST_TRAIN:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.task import Task
-from tasks.data import load_mnist, mnist_train_size, val_size_problems
+from tasks.data import load_mnist, mnist_train_size, root_problems, val_size_problems
 from tasks.norm import norm_layer
 
 NormFactory = Callable[..., nn.Module]
@@ -57,7 +57,8 @@ class MnistCNN(Task):
 
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
-        return super().check(task) + val_size_problems(task["val_size"], 1, "the CNN evaluates on that split")
+        return super().check(task) + val_size_problems(task["val_size"], 1, "the CNN evaluates on that split") + \
+            root_problems("task.data_root", task["data_root"])
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, norm: NormFactory | None = None,

@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core import figures
 from core.task import Task
-from tasks.data import holdout_split, load_mnist, mnist_train_size, val_size_problems
+from tasks.data import holdout_split, load_mnist, mnist_train_size, root_problems, val_size_problems
 from tasks.norm import norm_layer
 
 NormFactory = Callable[[int], nn.Module]
@@ -88,7 +88,8 @@ class MnistVAE(Task):
 
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
-        return super().check(task) + val_size_problems(task["val_size"], 0, "0: no validation split")
+        return super().check(task) + val_size_problems(task["val_size"], 0, "0: no validation split") + \
+            root_problems("task.data_root", task["data_root"])
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, hidden: int = 400, latent: int = 20,
