@@ -69,7 +69,7 @@ class Trainer:
             self.train_model.train()
             while self.step < self.total_steps and not self.stop_reason:
                 logging_now = (self.step + 1) % self.log_every == 0
-                lrs = [g["lr"] for g in opt.param_groups]
+                lrs = [(g["lr"], g.get("d")) for g in opt.param_groups]  # d: Prodigy's, D-Adaptation's estimate
                 loss = self._forward_backward(self.step)
                 norms = self._update(loss, logging_now)
                 if norms is None:  # fp16 overflow: GradScaler skipped the step; redo it with the lowered scale
@@ -146,14 +146,17 @@ class Trainer:
         self.stop_reason = self.stop_reason or guard.stop_reason
         return None if outcome == REDO else norms  # skipped: parameters untouched; the data moves on
 
-    def _log(self, log: RunLogger, lrs: list[float], norms: dict[str, torch.Tensor], samples_per_s: float) -> None:
-        p = self.p
-        scalars = {"train/loss": p.dist.all_mean(self.loss_sum / max(1, self.loss_count)).item(), "train/lr": lrs[0],
+    def _log(self, log: RunLogger, lrs: list[tuple], norms: dict[str, torch.Tensor], samples_per_s: float) -> None:
+        p, loss = self.p, self.loss_sum / max(1, self.loss_count)
+        scalars = {"train/loss": p.dist.all_mean(loss).item(), "train/lr": lrs[0][0],
                    "train/samples_per_s": samples_per_s, "train/epoch": self.step / p.sampler.steps_per_epoch}
         scalars.update({f"train/{k}": v.item() for k, v in norms.items()})
         if p.task.tokens_per_sample:
             scalars["train/tokens_per_s"] = samples_per_s * p.task.tokens_per_sample
-        scalars.update({f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(p.optimizer.param_groups, lrs))})
+        for i, (g, (lr, d)) in enumerate(zip(p.optimizer.param_groups, lrs)):
+            scalars[f"lr/{g.get('name', i)}"] = lr
+            if d is not None:  # learning-rate-free methods: the step size they estimated, d x lr
+                scalars[f"d_lr/{g.get('name', i)}"] = d * lr
         if p.scaler:
             scalars["train/loss_scale"] = p.scaler.get_scale()
         scalars.update({f"train/skipped_{k}": v for k, v in self.guard.counts().items()})

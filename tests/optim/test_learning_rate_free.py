@@ -73,3 +73,26 @@ def test_prodigy_first_steps_follow_the_paper():
         p.grad = g.clone()
         opt.step()
         torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_the_trainer_logs_the_estimated_step_size_beside_the_learning_rate(option, mnist_root, tmp_path):
+    """d_lr/<group> = d x lr of the update just logged: at step 1 that is d0 (1e-6, the YAML's) times the logged lr;
+    later d has grown, so d_lr / lr does too."""
+    import json
+
+    from trainer.run import run
+
+    cfg = compose_cfg(f"optimizer={option}", f"data.root={mnist_root}", "trainer.device=cpu", "trainer.max_steps=6",
+                      "trainer.log_interval=1", "trainer.eval_interval=0", "trainer.checkpoint_interval=0",
+                      "trainer.histogram_interval=0", "trainer.pictures=false", "trainer.progress=off",
+                      "task.batch_size=32", "schedule=constant")
+    run(cfg, tmp_path)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"lr/' in r]
+    groups = [k.removeprefix("lr/") for k in rows[0] if k.startswith("lr/")]
+    assert groups and all(f"d_lr/{g}" in rows[0] for g in groups)
+    first, last = rows[0], rows[-1]
+    assert [first["step"], last["step"]] == [1, 6]
+    for g in groups:
+        assert first[f"d_lr/{g}"] == pytest.approx(cfg.optimizer.d0 * first[f"lr/{g}"], rel=1e-12)
+        assert last[f"d_lr/{g}"] / last[f"lr/{g}"] > 10 * cfg.optimizer.d0
