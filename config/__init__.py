@@ -21,7 +21,7 @@ def problems(cfg: DictConfig) -> list[str]:
     p = dict(unresolvable(cfg))
     try:
         check_groups(cfg, p, {g: o for g, o in required_groups().items() if g != "recipe"})
-        for group in ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "regularize"):
+        for group in ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "average", "regularize"):
             for key, node in targets(cfg.get(group), group) if group in cfg and group not in p else []:
                 _bind(node, key, p)
         check_rules(cfg, p)

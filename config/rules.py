@@ -157,6 +157,7 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
     for name in get(cfg, "clip", p) or {}:
         construct(cfg, f"clip.{name}", lambda made: made, p)
     construct(cfg, "early_stop", lambda made: made, p)
+    construct(cfg, "average", lambda made: made(torch.nn.Linear(2, 2), horizon), p)
     if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
         construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
     construct(cfg, "norm", lambda made: made(4), p)
