@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from core.config import parse_duration
 from core.rng import fork_rng
 from core.task import Task
 
@@ -73,8 +74,8 @@ class Average:
                  bn_steps: int | float | str, eval: str) -> None:
         _check(bn in BN, "bn", bn, "one of " + ", ".join(BN))
         _check(eval in EVAL, "eval", eval, "one of " + ", ".join(EVAL))
-        self.start, self.every = horizon.steps(start), horizon.steps(every)
-        _check(self.every >= 1, "every", every, "at least one step")
+        _check(parse_duration(every)[0] > 0, "every", every, "a duration of at least one step")
+        self.start, self.every = horizon.steps(start), max(1, horizon.steps(every))  # a fraction: at least 1
         self.bn_steps = min(horizon.steps(bn_steps), horizon.total_steps)
         self.recompute = bn == "recompute" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                    for m in model.modules())
@@ -186,12 +187,12 @@ class EMA(_Running):
                  eval: str = "average") -> None:
         super().__init__(model, horizon, start, 1, bn, bn_steps, eval)
         _check(0 <= decay <= 1, "decay", decay, "in [0, 1]")
-        _check(half_life is None or horizon.steps(half_life) >= 1, "half_life", half_life,
+        _check(half_life is None or parse_duration(half_life)[0] > 0, "half_life", half_life,
                "null or a duration of at least one step")
         _check(warmup_gamma > 0, "warmup_gamma", warmup_gamma, "> 0")
         _check(warmup_power > 0, "warmup_power", warmup_power, "> 0")
         _check(0 <= min_decay <= 1, "min_decay", min_decay, "in [0, 1]")
-        self.decay = decay if half_life is None else 0.5 ** (1 / horizon.steps(half_life))
+        self.decay = decay if half_life is None else 0.5 ** (1 / max(1, horizon.steps(half_life)))
         self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
         self.min_decay = min_decay
 

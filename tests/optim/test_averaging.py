@@ -198,3 +198,56 @@ def test_batchnorm_statistics_are_recomputed_from_the_first_steps_batches(loader
     assert torch.equal(torch.get_rng_state(), rng)  # dropout in the BatchNorm pass drew from a forked RNG
     assert torch.equal(model[2].weight, before_w) and torch.equal(model[0].running_mean, before_bn)
     batches.close()
+
+
+# -- through the trainer ---------------------------------------------------------------------------------------
+def cnn_cfg(root, *overrides):
+    from tests.conftest import compose_cfg
+
+    return compose_cfg("recipe=mnist_cnn", f"data.root={root}", "task.val_size=1000", "task.batch_size=32",
+                       "trainer.max_steps=30", "trainer.eval_interval=10", "trainer.log_interval=1",
+                       "trainer.checkpoint_interval=10", "trainer.keep_checkpoints=0", "trainer.progress=off",
+                       "trainer.pictures=false", "trainer.histogram_interval=0", "early_stop.patience=1000",
+                       *overrides)
+
+
+def logged(run_dir, prefix):
+    import json
+
+    return {(r["step"], k.replace("raw_", "")): v for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            for r in [json.loads(line)] for k, v in r.items() if k.startswith(prefix)}
+
+
+@pytest.mark.slow
+def test_averaging_leaves_training_untouched_and_raw_metrics_are_the_plain_runs(mnist_root, tmp_path):
+    """The CNN (BatchNorm, dropout) with SWA and its BatchNorm statistics recomputed at every evaluation trains
+    exactly as without averaging: the same losses, the same last weights, and its raw_ metrics are the plain run's
+    metrics. The averaged metrics differ from them."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.run import run
+
+    plain = run(cnn_cfg(mnist_root), tmp_path / "plain")
+    swa = run(cnn_cfg(mnist_root, "average=swa", "average.start=5", "average.every=5", "average.bn_steps=3",
+                      "average.eval=both"), tmp_path / "swa")
+    assert logged(tmp_path / "swa", "train/loss") == logged(tmp_path / "plain", "train/loss")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"] for d in ("plain", "swa"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(tmp_path / "swa", "eval/raw_") == logged(tmp_path / "plain", "eval/")
+    assert swa["raw_test_acc"] == plain["test_acc"] and swa["raw_val_acc"] == plain["val_acc"]
+    assert logged(tmp_path / "swa", "eval/val_loss") != logged(tmp_path / "plain", "eval/val_loss")
+
+
+@pytest.mark.slow
+def test_ema_early_stopping_keeps_and_restores_the_averaged_weights(mnist_root, tmp_path):
+    """average=ema on the CNN: best.pt holds the average at the best evaluation (not the trained weights), and the
+    final metrics are those of the weights restored from it."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.run import run
+
+    final = run(cnn_cfg(mnist_root, "average=ema"), tmp_path)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    at_best = load_checkpoint(tmp_path / "checkpoints" / f"step-{best['step']:08d}.pt")
+    average = {k.removeprefix("module."): v for k, v in at_best["average"]["model"].items() if k != "n_averaged"}
+    assert all(torch.equal(best["model"][k], average[k]) for k in best["model"])
+    assert not all(torch.equal(best["model"][k], at_best["model"][k]) for k in best["model"])
+    assert final["restored_best_step"] == best["step"] and final["val_acc"] == best["metrics"]["val_acc"]
