@@ -251,3 +251,50 @@ def test_ema_early_stopping_keeps_and_restores_the_averaged_weights(mnist_root, 
     assert all(torch.equal(best["model"][k], average[k]) for k in best["model"])
     assert not all(torch.equal(best["model"][k], at_best["model"][k]) for k in best["model"])
     assert final["restored_best_step"] == best["step"] and final["val_acc"] == best["metrics"]["val_acc"]
+
+
+# -- DDP (gloo on the CPU): every rank holds the same average --------------------------------------------------
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {}
+        for bn in BN_MODES:
+            task = BNTask(loader=False)
+            task.loading = DataLoading(torch.device("cpu"))
+            sampler = EpochSampler(64, 8, 0, torch.device("cpu"))
+            torch.manual_seed(0)
+            model = task.build_model()  # the same initial weights on every rank
+            ema = EMA(model, H, decay=0.5, warmup=False, bn=bn, bn_steps=4)
+            for t in (1, 2, 3):
+                with torch.no_grad():
+                    model[2].weight.add_(t)  # the same update on every rank (DDP's averaged gradient)
+                    model[0].running_mean.fill_(10.0 * rank + t)  # BatchNorm's statistics: each rank its shard's
+                ema.update(model, t)
+            ema.apply(Run(task, model, make_batches(task, sampler, Dist(rank, world), 1, 0, 100)))
+            results[bn] = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+BN_MODES = ("average", "recompute")
+
+
+def test_under_ddp_every_rank_holds_the_same_average(tmp_path):
+    """Two gloo ranks, the same weight updates, different BatchNorm statistics (each rank normalises its own shard):
+    the applied average is identical on both. Averaged statistics are rank 0's; recomputed ones are the mean over
+    both ranks' shards of the same steps, i.e. (equal halves) the mean of each whole step batch's mean."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    for bn in BN_MODES:
+        assert all(torch.equal(r0[bn][k], r1[bn][k]) for k in r0[bn]), bn
+    # rank 0's running means 1, 2, 3 under decay 0.5: 0.5 * (0.5 * 1 + 0.5 * 2) + 0.5 * 3
+    assert torch.equal(r0["average"]["0.running_mean"], torch.full((3,), 2.25))
+    task, sampler = BNTask(loader=False), EpochSampler(64, 8, 0, torch.device("cpu"))
+    whole = torch.stack([task.x[sampler.indices(s)].mean(0) for s in range(4)]).mean(0)
+    torch.testing.assert_close(r0["recompute"]["0.running_mean"], whole)
