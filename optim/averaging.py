@@ -8,11 +8,13 @@ its weights along the trajectory instead of the last iterate.
 - LAWA (Kaddour 2022, arXiv 2209.14981; Sanyal et al. 2023, arXiv 2306.03241): the equal mean of the last `k`
   snapshots, taken every `every` steps from `start`.
 
-From torch.optim.swa_utils: AveragedModel keeps EMA's and SWA's running average (its float32 copy of the model and
-the count), update_bn recomputes BatchNorm statistics. Written here, and why: the averaging function given to
-AveragedModel (get_ema_multi_avg_fn fixes one decay, timm's warmup changes it every step; SWA's weight 1/(n+1) comes
-from a host count, so an update never reads a device tensor); LAWA's ring of k snapshots (AveragedModel keeps one
-running mean; a running sum less the oldest snapshot would drift); the swap of the average into the trained model
+From torch.optim.swa_utils: AveragedModel holds EMA's and SWA's running average (its float32 copy of the model,
+n_averaged, its state_dict), update_bn recomputes BatchNorm statistics. Written here, and why: the update, one
+foreach lerp (the rule of get_ema_multi_avg_fn and get_swa_multi_avg_fn, with timm's decay per step and SWA's
+1/(n+1) from a host count): AveragedModel.update_parameters reads its count on the host (bool(n_averaged == 0))
+and copies it to the device at every call, a host synchronisation per training step on CUDA
+(tests/cuda/test_host_syncs.py catches it); LAWA's ring of k snapshots (AveragedModel keeps one running mean; a
+running sum less the oldest snapshot would drift); the swap of the average into the trained model
 and back (the trainer's evaluation, early stopping and pictures all read one model); update_bn fed through the
 task's loss (it calls model(batch[0]); a kiln batch goes through task.loss), on the batches of the run's first
 `bn_steps` steps (both data paths: `batches(step)` is a pure function of the step), on a forked RNG.
@@ -150,22 +152,23 @@ class Average:
 
 
 class _Running(Average):
-    """EMA and SWA: a running average in torch's AveragedModel, updated with weight `self.weight` on the new
-    weights."""
+    """EMA and SWA: a running average, kept in torch's AveragedModel."""
 
     def __init__(self, model: nn.Module, *args: Any) -> None:
         super().__init__(model, *args)
-        self.weight = 1.0
-        self.model = AveragedModel(model, multi_avg_fn=self._lerp, use_buffers=self.buffers)
+        self.model = AveragedModel(model, use_buffers=self.buffers)
         self.model.module.float()  # kiln's AMP leaves the weights in float32 (autocast); the average stays there too
 
-    @torch.no_grad()
-    def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _: Any) -> None:
-        """AveragedModel's multi_avg_fn, per device and dtype."""
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, self.weight)
-        else:
-            torch._foreach_copy_(averaged, current)  # integer buffers (num_batches_tracked) are copied, as timm
+    def _lerp(self, model: nn.Module, weight: float) -> None:
+        """average <- average + weight (weights - average); the first update copies (as AveragedModel's)."""
+        pairs = list(zip(self.tensors(self.model.module), self.tensors(model), strict=True))
+        floats = [(a, w) for a, w in pairs if a.is_floating_point() and self.count]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [w for _, w in floats], weight)
+        others = [(a, w) for a, w in pairs if not (a.is_floating_point() and self.count)]
+        if others:  # the first update; integer buffers (num_batches_tracked) are copied, as timm
+            torch._foreach_copy_([a for a, _ in others], [w for _, w in others])
+        self.model.n_averaged += 1  # a CPU tensor: no device involved
 
     def averaged(self) -> list[torch.Tensor] | None:
         return self.tensors(self.model.module) if self.count else None
@@ -206,8 +209,7 @@ class EMA(_Running):
         return max(min(1 - (1 + t / self.warmup_gamma) ** -self.warmup_power, self.decay), self.min_decay)
 
     def _add(self, model: nn.Module, step: int) -> None:
-        self.weight = 1 - self.decay_at(step)
-        self.model.update_parameters(model)
+        self._lerp(model, 1 - self.decay_at(step))
 
 
 class SWA(_Running):
@@ -219,8 +221,7 @@ class SWA(_Running):
         super().__init__(model, horizon, start, every, bn, bn_steps, eval)
 
     def _add(self, model: nn.Module, step: int) -> None:
-        self.weight = 1 / (self.count + 1)  # AveragedModel's equal average (its get_swa_multi_avg_fn)
-        self.model.update_parameters(model)
+        self._lerp(model, 1 / (self.count + 1))  # the equal average (get_swa_multi_avg_fn's weight)
 
 
 class LAWA(Average):
