@@ -299,3 +299,20 @@ def test_resume_with_swa_and_batchnorm_recomputed_through_a_dataloader_is_bit_ex
     assert bn  # the tiny CNN has BatchNorm
     averaged = load_checkpoint(tmp_path / "straight" / "checkpoints" / "average.pt")["model"]
     assert not any(torch.equal(averaged[k], last["model"][k]) for k in bn)  # recomputed, not the trained model's
+
+
+def test_weight_averaging_may_change_on_resume(tmp_path):
+    """Averaging never changes training, so it may be added or changed on resume: an average of another kind
+    starts at the resumed step; the trained weights continue exactly."""
+    common = ("trainer.checkpoint_interval=4", "trainer.keep_checkpoints=0")
+    run(toy(*common, "trainer.max_steps=8"), tmp_path / "a")
+    run(toy(*common, "trainer.max_steps=12", "average=ema", f"trainer.resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["average"]["count"] == 4  # steps 9..12
+    final = run(toy(*common, "trainer.max_steps=16", "average=lawa", "average.every=2", "average.k=8",
+                    f"trainer.resume={tmp_path / 'b'}"), tmp_path / "c")
+    last = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")
+    assert last["average"]["count"] == 2  # steps 14 and 16: a fresh ring, not EMA's state
+    straight = run(toy(*common, "trainer.max_steps=16"), tmp_path / "straight")
+    trained = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]["w"]
+    assert torch.equal(last["model"]["w"], trained)
+    assert final["distance"] != straight["distance"]  # evaluated on the average

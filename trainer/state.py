@@ -31,10 +31,10 @@ LEGITIMATE = (
     "trainer.threads", "trainer.progress", "trainer.dry_run", "trainer.nonfinite", "trainer.max_nonfinite",
     "trainer.fp16_*", "trainer.device", "trainer.compile", "trainer.tf32", "trainer.deterministic",
     "trainer.grad_accum", "data.*", "optimizer.*", "schedule.*", "early_stop.*", "regularize.weight_decay", "expect.*",
-    "monitor.*", "clip.*", "average.eval",
+    "monitor.*", "clip.*",
 )
 BREAKING = ("*._target_",)  # fnmatch * crosses dots: every _target_ at any depth
-RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*")
+RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*", "average", "average.*")  # averaging: not training
 RUNNING_GROUP_KEYS = {"initial_lr", "lookahead_step", "loss_ema"}
 
 
@@ -164,7 +164,7 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
     p.transforms.load_state_dict(state["transforms"])
     if p.early_stop and state["early_stop"]:
         p.early_stop.load_state_dict(state["early_stop"])
-    if p.average and state.get("average"):  # else (averaging added on resume) it starts here
+    if p.average and state.get("average") and "average._target_" not in changes:  # else it starts here
         p.average.load_state_dict(state["average"])
     ranks = state["rng_ranks"]
     if len(ranks) == p.dist.world:
