@@ -12,7 +12,8 @@ A trial's command line is the user's overrides with the option, then the protoco
 (its rung's length), `trainer.seed`, the tuned `optimizer.lr` and `--tune` keys, and (unless the user set them)
 `trainer.eval_interval` in steps of the full run, so every option and every rung is evaluated at the same steps,
 plus `trainer.checkpoint_interval=0 trainer.pictures=false trainer.histogram_interval=0` (nothing compare reads),
-and the option's schedule durations written in steps or epochs as fractions of the full run (scaled_schedule), so
+and the option's schedule (and weight averaging) durations in steps or epochs as fractions of the full run
+(scaled_schedule), so
 that every rung trial is a scaled copy of the full run.
 Trial configs are the option's composed config with these keys set through the same override parser Hydra uses,
 which gives the same config (and ledger key) as composing the whole command line (tests check it) at a fraction
