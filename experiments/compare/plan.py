@@ -13,8 +13,7 @@ A trial's command line is the user's overrides with the option, then the protoco
 `trainer.eval_interval` in steps of the full run, so every option and every rung is evaluated at the same steps,
 plus `trainer.checkpoint_interval=0 trainer.pictures=false trainer.histogram_interval=0` (nothing compare reads),
 and the option's schedule (and weight averaging) durations in steps or epochs as fractions of the full run
-(scaled_schedule), so
-that every rung trial is a scaled copy of the full run.
+(scaled_schedule), so that every rung trial is a scaled copy of the full run.
 Trial configs are the option's composed config with these keys set through the same override parser Hydra uses,
 which gives the same config (and ledger key) as composing the whole command line (tests check it) at a fraction
 of the cost.
