@@ -20,7 +20,7 @@ from core.protocol import interpolated_from
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 SUPPLIED = {"params", "horizon", "num_features", "self"}  # what the trainer passes to `_partial_` factories
-BOUND = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop")  # groups of `_target_` nodes
+BOUND = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "average")  # `_target_` groups
 TOP_LEVEL = (*BOUND, *GROUPS)
 Problems = dict[str, str]  # full key -> its line; the first found for a key wins
 

@@ -141,6 +141,7 @@ def check_construction(cfg: DictConfig, p: Problems) -> None:
     construct(cfg, "schedule", lambda made: made(horizon), p)
     for key in [*(f"clip.{name}" for name in get(cfg, "clip", p) or {}), "early_stop"]:
         construct(cfg, key, lambda made: made, p)
+    construct(cfg, "average", lambda made: made(torch.nn.Linear(2, 2), horizon), p)
     if not under(p, "trainer.device"):  # fp16 needs a GPU: trainer/amp.py says so
         construct(cfg, "amp", lambda made: made.bind(resolve_device(get(cfg, "trainer.device", p) or "cpu")), p)
     construct(cfg, "norm", lambda made: made(4), p)

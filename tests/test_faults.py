@@ -265,14 +265,17 @@ def test_ddp_resume_restores_every_ranks_own_rng(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_ten_random_moments_resumes_from_the_newest_intact_checkpoint(mnist_root, tmp_path):
+@pytest.mark.parametrize("average", ["none", "ema"])
+def test_sigkill_at_ten_random_moments_resumes_from_the_newest_intact_checkpoint(mnist_root, tmp_path, average):
     """SIGKILL (no handler runs, no checkpoint is written on the way out) at 10 random moments, three of them in the
     middle of a checkpoint write (a temporary file is on disk when the kill lands). After each kill the same
     command (trainer.resume=auto) continues from the newest intact checkpoint; the run ends bit-equal to one never
-    killed, with exactly one metrics.jsonl row per logged step (rows past the resumed checkpoint are dropped)."""
+    killed, with exactly one metrics.jsonl row per logged step (rows past the resumed checkpoint are dropped). With
+    average=ema, the average (evaluated every 20 steps) ends bit-equal too."""
     rng = random.Random(2024)
     run_dir = tmp_path / "killed"
-    common = ("trainer.checkpoint_interval=4", "trainer.max_steps=100", "task.batch_size=32", "trainer.threads=1")
+    common = ("trainer.checkpoint_interval=4", "trainer.max_steps=100", "task.batch_size=32", "trainer.threads=1",
+              f"average={average}")
     args = cnn_args(mnist_root, run_dir, "trainer.resume=auto", *common)
     ckpts = CheckpointDir(run_dir / "checkpoints")
     mid_write = set(rng.sample(range(10), 3))
@@ -320,6 +323,10 @@ def test_sigkill_at_ten_random_moments_resumes_from_the_newest_intact_checkpoint
     a, b = params(straight), params(run_dir)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if average == "ema":
+        a, b = (load_checkpoint(d / "checkpoints" / "average.pt")["model"] for d in (straight, run_dir))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["average"]["count"] == 100
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in rows if "train/loss" in r) == list(range(1, 101))
     keys = [(r["step"], k) for r in rows for k in r if k != "step"]

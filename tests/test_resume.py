@@ -252,3 +252,92 @@ def test_issue_24_optimizers_resume_bit_exact(mnist_root, tmp_path, optimizer):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert {s: v for s, v in logged(straight).items() if s > 3} == logged(resumed)
+
+
+# -- weight averaging (average=ema|swa|lawa): the average and its counters live in every checkpoint ---------------
+def same(a, b, where="") -> None:
+    """Nested checkpoint contents equal, every tensor bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def resumed_equals_straight(cfg, tmp_path, every=10):
+    """Run `cfg` straight and resumed from its step-`every` checkpoint; both must agree bit for bit: weights, the
+    average's state, every logged loss and evaluation, the final metrics and the averaged weights written at the end."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    final_a = run(cfg(), straight)
+    run(cfg(f"trainer.resume={straight / 'checkpoints' / f'step-{every:08d}.pt'}"), resumed)
+    a, b = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (straight, resumed))
+    same(a["model"], b["model"], "model")
+    same(a["average"], b["average"], "average")
+    same(load_checkpoint(straight / "checkpoints" / "average.pt")["model"],
+         load_checkpoint(resumed / "checkpoints" / "average.pt")["model"], "average.pt")
+    values = lambda d: {(r["step"], k): v for r in rows(d) for k, v in r.items()  # noqa: E731
+                        if k != "step" and "_per_s" not in k and "time" not in k}
+    logged_b = values(resumed)
+    assert logged_b and {key: v for key, v in values(straight).items() if key[0] > every} == logged_b
+    final_b = json.loads((resumed / "final_metrics.json").read_text())
+    untimed = lambda f: {k: v for k, v in f.items() if "time" not in k}  # noqa: E731
+    assert untimed(final_a) == untimed(final_b)
+    return final_a, a
+
+
+AVERAGES = {"ema": ("average=ema",), "swa": ("average=swa", "average.start=5", "average.every=3"),
+            "lawa": ("average=lawa", "average.k=3", "average.every=4")}
+
+
+@pytest.mark.parametrize("average", AVERAGES)
+def test_resume_with_weight_averaging_is_bit_exact(mnist_root, tmp_path, average):
+    from tests.test_loop import vae_cfg
+
+    cfg = lambda *o: vae_cfg(mnist_root, "trainer.max_steps=30", "trainer.log_interval=5",  # noqa: E731
+                             "trainer.checkpoint_interval=10", "trainer.keep_checkpoints=0", "trainer.eval_interval=10",
+                             "average.eval=both", *AVERAGES[average], *o)
+    final, last = resumed_equals_straight(cfg, tmp_path)
+    assert final["val_loss"] != final["raw_val_loss"]  # the average is what was evaluated, not the last weights
+    assert last["average"]["count"] == {"ema": 30, "swa": 9, "lawa": 7}[average]  # updates, snapshots
+
+
+def test_resume_with_swa_and_batchnorm_recomputed_through_a_dataloader_is_bit_exact(digit_folder, tmp_path):
+    """BatchNorm statistics of the average recomputed (update_bn over the first steps' batches, 2 loader workers,
+    random crops, dropout) at every evaluation: the recompute moves neither the training RNG nor the data order."""
+    from tests.test_batches import digits_cfg
+
+    cfg = lambda *o: digits_cfg(digit_folder, "trainer.max_steps=20", "trainer.checkpoint_interval=10",  # noqa: E731
+                                "trainer.keep_checkpoints=0", "trainer.eval_interval=5", "trainer.log_interval=1",
+                                "data.workers=2", "regularize.dropout=0.2", "average=swa", "average.start=2",
+                                "average.every=2", "average.bn_steps=3", *o)
+    final, last = resumed_equals_straight(cfg, tmp_path)
+    assert last["average"]["count"] == 10
+    bn = [k for k in last["model"] if k.endswith("running_mean")]
+    assert bn  # the tiny CNN has BatchNorm
+    averaged = load_checkpoint(tmp_path / "straight" / "checkpoints" / "average.pt")["model"]
+    assert not any(torch.equal(averaged[k], last["model"][k]) for k in bn)  # recomputed, not the trained model's
+
+
+def test_weight_averaging_may_change_on_resume(tmp_path):
+    """Averaging never changes training, so it may be added or changed on resume: an average of another kind
+    starts at the resumed step; the trained weights continue exactly."""
+    common = ("trainer.checkpoint_interval=4", "trainer.keep_checkpoints=0")
+    run(toy(*common, "trainer.max_steps=8"), tmp_path / "a")
+    run(toy(*common, "trainer.max_steps=12", "average=ema", f"trainer.resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["average"]["count"] == 4  # steps 9..12
+    final = run(toy(*common, "trainer.max_steps=16", "average=lawa", "average.every=2", "average.k=8",
+                    f"trainer.resume={tmp_path / 'b'}"), tmp_path / "c")
+    last = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")
+    assert last["average"]["count"] == 2  # steps 14 and 16: a fresh ring, not EMA's state
+    straight = run(toy(*common, "trainer.max_steps=16"), tmp_path / "straight")
+    trained = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]["w"]
+    assert torch.equal(last["model"]["w"], trained)
+    assert final["distance"] != straight["distance"]  # evaluated on the average

@@ -18,6 +18,7 @@ from core.log import print_warning
 from core.rng import rank_seed, seed_everything
 from core.sampler import SAMPLERS, EpochSampler, RandomSampler
 from core.task import Task
+from optim.averaging import Average
 from optim.param_groups import config_param_groups
 from optim.transforms import Chain
 from regularize.early_stop import EarlyStopping
@@ -57,6 +58,7 @@ class Parts:
     early_stop: EarlyStopping | None
     dist: distributed.Dist
     batches: DeviceBatches | LoaderBatches  # batches(step): this rank's micro-batches of step `step`
+    average: Average | None = None  # average=ema|swa|lawa: the weights evaluated (optim/averaging.py)
 
 
 def build(cfg: DictConfig) -> Parts:
@@ -89,6 +91,7 @@ def build(cfg: DictConfig) -> Parts:
     clips = [_build(node, f"clip.{name}") for name, node in (cfg.clip or {}).items()]
     transforms = Chain(([l2] if l2 else []) + clips)
     early_stop = _build(cfg.early_stop, "early_stop") if cfg.early_stop else None
+    average = _build(cfg.average, "average", model, horizon) if cfg.get("average") else None
     if split := split_problem(task.batch_size, t.grad_accum, dist.world):
         raise ConfigError(split)
     warning = protocol.batchnorm_warning(model, task.batch_size, t.grad_accum, dist.world)
@@ -99,4 +102,4 @@ def build(cfg: DictConfig) -> Parts:
     if seed is not None:
         seed_everything(seed)
     return Parts(cfg, device, task, model, optimizer, scheduler, transforms, sampler, horizon, autocast, scaler,
-                 early_stop, dist, batches)
+                 early_stop, dist, batches, average)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from core.rng import fork_rng
 from regularize.loss_reduction import REDUCTIONS
 from trainer import state
 from trainer.build import Parts
-from trainer.checkpoint import CheckpointDir
+from trainer.checkpoint import CheckpointDir, atomic_save
 from trainer.nonfinite import REDO, STEP, NonFinite
 from trainer.signals import Interrupted, resume_command
 
@@ -77,6 +78,8 @@ class Trainer:
                     continue
                 self.step += 1
                 p.scheduler.step(self.step)
+                if p.average:
+                    p.average.update(p.model, self.step)
                 if self.hist_every and self.step % self.hist_every == 0:
                     self._histograms(log)
                 opt.zero_grad(set_to_none=True)
@@ -175,6 +178,19 @@ class Trainer:
         p.model.train()
         return protocol.as_metrics(p.task, metrics, what)
 
+    def _raw_metrics(self, method: Any, what: str = "evaluate()") -> dict[str, float]:
+        """average.eval=both: the trained weights' metrics of `method`, as raw_<name> (else none)."""
+        avg = self.p.average
+        return {f"raw_{k}": v for k, v in self._eval_metrics(method, what).items()} if avg and avg.eval == "both" \
+            else {}
+
+    @contextlib.contextmanager
+    def _averaged(self) -> Iterator[dict[str, float]]:
+        """average=...: the average in the model inside (optim/averaging.py); yields the raw_ metrics."""
+        raw = self._raw_metrics(self.p.task.evaluate)
+        with self.p.average.swapped(self.p) if self.p.average else contextlib.nullcontext():
+            yield raw
+
     def _check_monitored(self, metrics: dict[str, float], finals: dict[str, float] | None = None) -> None:
         """The metrics the run watches are among this evaluation's (monitor.metric may come from final_metrics():
         checked at the end)."""
@@ -183,8 +199,8 @@ class Trainer:
 
     def _evaluate(self, log: RunLogger) -> dict[str, float]:
         p, train_time = self.p, self.clock.train()
-        with self.clock.paused():
-            metrics = self._eval_metrics(p.task.evaluate)
+        with self.clock.paused(), self._averaged() as raw:
+            metrics = {**self._eval_metrics(p.task.evaluate), **raw}
             self._check_monitored(metrics)
             self.last_eval_step, self.last_metrics = self.step, dict(metrics)
             log.scalars(self.step, {**{f"eval/{k}": v for k, v in metrics.items()},
@@ -216,6 +232,9 @@ class Trainer:
             saved = self.save() if not self.ckpt_every or self.step % self.ckpt_every else self.last_checkpoint
             self._stop_if_signalled(saved=saved, left="final_metrics.json is not written yet")
             final = {"step": self.step, "epoch": round(self.step / p.sampler.steps_per_epoch, 4)}
+            raw_tests = self._raw_metrics(p.task.final_metrics, "final_metrics()")
+            if p.average and p.average.apply(p) and p.dist.is_main:  # training is over: the average stays in
+                atomic_save({"step": self.step, "model": p.model.state_dict()}, self.checkpoints.root / "average.pt")
             if p.early_stop and p.early_stop.restore(p.model):
                 final["restored_best_step"] = p.early_stop.best_step
                 log.info(f"restored the best weights (step {p.early_stop.best_step}, "
@@ -223,7 +242,7 @@ class Trainer:
                 if p.early_stop.best_step != self.step:  # other weights than the ones just evaluated
                     metrics = self._eval_metrics(p.task.evaluate)
             tests = self._eval_metrics(p.task.final_metrics, "final_metrics()")  # e.g. the test set, scored once
-            final.update({**metrics, **tests})
+            final.update({**metrics, **tests, **raw_tests})
             self._check_monitored(metrics, tests)
             self._stop_if_signalled(saved=saved, left="final_metrics.json is not written yet")
         final.update({"wall_time_s": round(self.clock.wall(), 2), "session_wall_time_s": round(self.clock.session(), 2),

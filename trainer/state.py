@@ -34,7 +34,7 @@ LEGITIMATE = (
     "monitor.*", "clip.*",
 )
 BREAKING = ("*._target_",)  # fnmatch * crosses dots: every _target_ at any depth
-RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*")
+RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*", "average", "average.*")  # averaging: not training
 RUNNING_GROUP_KEYS = {"initial_lr", "lookahead_step", "loss_ema"}
 
 
@@ -129,6 +129,7 @@ def state_dict(tr: Any) -> dict[str, Any]:
         "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
         "scaler": p.scaler.state_dict() if p.scaler else None, "transforms": p.transforms.state_dict(),
         "early_stop": p.early_stop.state_dict() if p.early_stop else None,
+        "average": p.average.state_dict() if p.average else None,
         "rng": rng, "rng_ranks": p.dist.all_gather(rng),
         "loop": {"loss_sum": tr.loss_sum, "loss_count": tr.loss_count, "last_eval_step": tr.last_eval_step,
                  "last_metrics": dict(tr.last_metrics), "stop_reason": tr.stop_reason,
@@ -163,6 +164,8 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
     p.transforms.load_state_dict(state["transforms"])
     if p.early_stop and state["early_stop"]:
         p.early_stop.load_state_dict(state["early_stop"])
+    if p.average and state.get("average") and "average._target_" not in changes:  # else it starts here
+        p.average.load_state_dict(state["average"])
     ranks = state["rng_ranks"]
     if len(ranks) == p.dist.world:
         set_rng_state(ranks[p.dist.rank])  # every rank continues its own dropout / augmentation stream

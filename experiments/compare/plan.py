@@ -12,8 +12,8 @@ A trial's command line is the user's overrides with the option, then the protoco
 (its rung's length), `trainer.seed`, the tuned `optimizer.lr` and `--tune` keys, and (unless the user set them)
 `trainer.eval_interval` in steps of the full run, so every option and every rung is evaluated at the same steps,
 plus `trainer.checkpoint_interval=0 trainer.pictures=false trainer.histogram_interval=0` (nothing compare reads),
-and the option's schedule durations written in steps or epochs as fractions of the full run (scaled_schedule), so
-that every rung trial is a scaled copy of the full run.
+and the option's schedule (and weight averaging) durations in steps or epochs as fractions of the full run
+(scaled_schedule), so that every rung trial is a scaled copy of the full run.
 Trial configs are the option's composed config with these keys set through the same override parser Hydra uses,
 which gives the same config (and ledger key) as composing the whole command line (tests check it) at a fraction
 of the cost.
@@ -390,14 +390,20 @@ def _cadence(shared: list[str], cfg: DictConfig, budget: int, steps_per_epoch: i
 
 
 SCHEDULE_DURATIONS = ("warmup", "cooldown", "cycle_warmup", "cycle", "every", "step_size", "milestones")
+AVERAGE_DURATIONS = ("start", "every", "half_life")  # weight averaging's (bn_steps counts batches: it stays)
 
 
 def scaled_schedule(cfg: DictConfig, budget: int, steps_per_epoch: int) -> list[str]:
-    """The schedule's durations written in steps or epochs (`warmup: 100`, `every: 1ep`), as fractions of the full
-    run, so that a rung trial of 1/9 of the budget is a scaled copy of the full run (warmup 100 of 900 steps: 11
-    of 100) instead of a run that never leaves its warmup. The full run itself does not change. Fractions and
-    percentages already scale; plateau's cooldown counts evaluations and stays."""
-    node = cfg.get("schedule")
+    """The schedule's (and weight averaging's) durations written in steps or epochs (`warmup: 100`, `every: 1ep`),
+    as fractions of the full run, so that a rung trial of 1/9 of the budget is a scaled copy of the full run (warmup
+    100 of 900 steps: 11 of 100) instead of a run that never leaves its warmup. The full run itself does not change.
+    Fractions and percentages already scale; plateau's cooldown counts evaluations and stays."""
+    return _scaled(cfg, "schedule", SCHEDULE_DURATIONS, budget, steps_per_epoch) + \
+        _scaled(cfg, "average", AVERAGE_DURATIONS, budget, steps_per_epoch)
+
+
+def _scaled(cfg: DictConfig, group: str, keys: tuple[str, ...], budget: int, steps_per_epoch: int) -> list[str]:
+    node = cfg.get(group)
     if not isinstance(node, DictConfig):
         return []
     plateau = "plateau" in str(node.get("_target_", ""))
@@ -409,14 +415,14 @@ def scaled_schedule(cfg: DictConfig, budget: int, steps_per_epoch: int) -> list[
         return repr(horizon.steps(v) / budget) if absolute else None
 
     out = []
-    for key in SCHEDULE_DURATIONS:
+    for key in keys:
         if plateau and key == "cooldown":  # evaluations, not steps
             continue
         v = OmegaConf.select(node, key, default=None)
         if isinstance(v, (list, tuple)) or OmegaConf.is_list(v):
             parts = [fraction(x) for x in v]
             if any(p is not None for p in parts):
-                out.append(f"schedule.{key}=[{','.join(p if p is not None else str(x) for p, x in zip(parts, v))}]")
+                out.append(f"{group}.{key}=[{','.join(p if p is not None else str(x) for p, x in zip(parts, v))}]")
         elif (f := fraction(v)) is not None:
-            out.append(f"schedule.{key}={f}")
+            out.append(f"{group}.{key}={f}")
     return out

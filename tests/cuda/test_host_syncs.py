@@ -49,3 +49,16 @@ def test_a_host_read_in_a_training_step_is_caught(device, tmp_path):
         with pytest.raises(RuntimeError, match=match):
             train(args, tmp_path / "reads", tweak=lambda p: reads(tweak(p)), log=log_rows)
     assert float(torch.ones(())) == 1.0  # the guard is gone afterwards
+
+
+@pytest.mark.parametrize("average", [["average=ema"], ["average=swa", "average.start=0", "average.every=1"],
+                                     ["average=lawa", "average.every=1"]], ids=["ema", "swa", "lawa"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_averaging_adds_no_host_sync_to_a_step(device, average, tmp_path):
+    """Every step updates the average (optim/averaging.py): still no host synchronisation between log intervals."""
+    args, steps, log, _ = sync_args(device)
+    with sync_guard(device) as set_mode:
+        record: list[int] = []
+        tweak, log_rows = guarded_steps(set_mode, log, log, record)
+        train([*args, *average], tmp_path, tweak=tweak, log=log_rows)
+        assert record == list(range(log, steps))

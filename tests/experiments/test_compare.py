@@ -280,3 +280,15 @@ def test_bad_input_is_a_clear_message(args, messages, tmp_path):
     for m in messages:
         assert m in text, text
     assert not (tmp_path / "trials").exists()  # nothing ran
+
+
+def test_weight_averaging_is_an_axis_and_its_durations_scale():
+    """`average=none,ema,swa` compares averaging against none; SWA's one snapshot per epoch becomes a fraction of the
+    run, so a rung trial takes its snapshots as the full run does."""
+    plan = build_plan(["average=none,ema,swa", *TOY, "trainer.max_steps=900"], seeds=2, screen=False, baseline="none",
+                      tune=[], evals=10, command=[])
+    assert [o.label for o in plan.options] == ["none", "ema", "swa"]
+    targets = [plan.config(o, plan.overrides(o, 100, 0, 0.0)).get("average") for o in plan.options]
+    assert not targets[0] and [t._target_ for t in targets[1:]] == ["optim.averaging.EMA", "optim.averaging.SWA"]
+    swa = plan.options[2]
+    assert swa.scaled == [f"average.every={plan.steps_per_epoch / 900!r}"] and plan.options[1].scaled == []
