@@ -32,7 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.config import compose  # noqa: E402
+from core.config import compose, options  # noqa: E402
 from optim.core import state_bytes  # noqa: E402
 from optim.param_groups import param_groups  # noqa: E402
 
@@ -69,7 +69,7 @@ def parse_count(text: str) -> float:
 
 
 def optimizer_names() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / "optimizer").glob("*.yaml"))
+    return options("optimizer")
 
 
 def compose_optimizer(name: str) -> Any:

@@ -8,7 +8,6 @@ import re
 import tempfile
 from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
 from hydra.errors import HydraException
@@ -16,18 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from config.bind import closest
 from config.resolve import unresolvable
-from core.config import CONF, compose
+from core.config import CONF, compose, groups, options
 from core.log import print_error, print_warning
-
-
-def options(group: str) -> list[str]:
-    """A group's options: conf/<group>/*.yaml and the ones registered in Hydra's ConfigStore."""
-    stored = ConfigStore.instance().repo.get(group, {})
-    return sorted({p.stem for p in (CONF / group).glob("*.yaml")} | {n.removesuffix(".yaml") for n in stored})
-
-
-def groups() -> set[str]:
-    return {p.name for p in CONF.iterdir() if p.is_dir()} | set(ConfigStore.instance().repo)
 
 
 def required_groups() -> dict[str, list[str]]:

@@ -161,6 +161,17 @@ for _group in ("trainer", "regularize", "data"):  # their default options (conf/
     ConfigStore.instance().store(group=_group, name="default", node=GROUPS[_group]().model_dump())
 
 
+def groups() -> set[str]:
+    """The config groups: conf/'s folders and the groups registered in Hydra's ConfigStore."""
+    return {p.name for p in CONF.iterdir() if p.is_dir()} | set(ConfigStore.instance().repo)
+
+
+def options(group: str) -> list[str]:
+    """A group's options: conf/<group>/*.yaml and the ones registered in Hydra's ConfigStore."""
+    stored = ConfigStore.instance().repo.get(group, {})
+    return sorted({p.stem for p in (CONF / group).glob("*.yaml")} | {n.removesuffix(".yaml") for n in stored})
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), hydra: bool = False, struct: bool = True) -> DictConfig:
     """The config `python train.py <overrides>` runs (with the `hydra` node when `hydra`): in the Hydra already
     initialised (a test's, a tool's), else in one on conf/ for the call."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import CONF, compose, flatten
+from core.config import CONF, compose, flatten, groups
 
 RECIPES = CONF / "recipe"
 ORDER = ("conf/<group>/<option>.yaml < recipes/<recipe>.yaml and recipes/<recipe>/<group>/<option>.yaml "
@@ -78,11 +78,11 @@ def _command_line(overrides: list[str]) -> dict[str, Any]:
     """key -> value of every override that sets a value (picks of an option are under `options`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    named = groups()
     values = {}
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         key = o.key_or_group
-        if key.startswith("hydra") or (key in groups and not o.is_delete()):
+        if key.startswith("hydra") or (key in named and not o.is_delete()):
             continue
         values[key] = "<deleted>" if o.is_delete() else o.value()
     return values

@@ -58,7 +58,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from core.config import ExpectConfig
+from core.config import ExpectConfig, options
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -113,7 +113,7 @@ class Result:
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    return options("recipe")
 
 
 def declared(name: str, overrides: list[str]) -> tuple[dict[str, Any] | None, list[str]]:

@@ -37,12 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from config import did_you_mean, problems, unresolvable
 from config.cli import unknown_keys
+from core.config import groups
+from core.config import options as group_options
 from core.errors import ConfigError
 from core.sampler import SAMPLERS
 from schedules import Horizon
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
 LR_KEY = "optimizer.lr"
 GRID = tuple(range(-4, 5))  # LR exponents in half-decades: 9 points, 10^-2 .. 10^2 x the option's own default
 EXTRA_POINTS = 2  # rung 0 adds 2 points: past the grid's edge when the best is there, else either side of the best
@@ -181,11 +182,6 @@ def compose(overrides: list[str]) -> DictConfig:
     return compose_config(overrides)
 
 
-def _group_options(group: str) -> list[str] | None:
-    folder = CONF / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
-
-
 def split_axis(args: list[str]) -> tuple[str, list[str], list[str], list[str]]:
     """(axis key, option values, overrides with the axis marked by _AXIS, problems)."""
     try:
@@ -266,7 +262,7 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
             kept.append(a)
     shared = kept
 
-    group_opts = _group_options(axis.split("@")[0])
+    group_opts = group_options(axis.split("@")[0]) if axis.split("@")[0] in groups() else None
     options: list[Option] = []
     known: dict[str, list[str]] = {}  # each option's problems
     for value in values:
