@@ -20,11 +20,12 @@ from core.config import flatten
 from core.errors import ConfigError, UserError
 from core.log import print_warning
 from core.rng import rng_state, set_rng_state, step_seed
+from optim.schedule_free import running_keys
 from trainer.checkpoint import file_digest, load_checkpoint, resume_candidates
 
 # Keys that may change on resume (fnmatch patterns on the dotted key), except BREAKING ones. RETARGETABLE: changes
 # that still apply to a target whose type changed. RUNNING_GROUP_KEYS: param-group entries an optimizer updates as it
-# runs (not hyperparameters), never overwritten on resume.
+# runs (not hyperparameters), never overwritten on resume (a schedule-free optimizer's own: optim/schedule_free.py).
 LEGITIMATE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.*_interval", "trainer.keep_checkpoints", "trainer.pictures",
     "trainer.resume", "trainer.resume_allow_changes", "trainer.resume_allow_data_changes", "trainer.existing_run",
@@ -155,8 +156,9 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
         p.optimizer.load_state_dict(state["optimizer"])
     p.scheduler.load_state_dict(state["scheduler"])
     if changes:  # the new config's lr, betas, weight decay..., base LRs and horizon from here on
+        running = RUNNING_GROUP_KEYS | running_keys(p.optimizer)
         for group, want in zip(p.optimizer.param_groups, fresh):
-            group.update({k: v for k, v in want.items() if k not in RUNNING_GROUP_KEYS})
+            group.update({k: v for k, v in want.items() if k not in running})
         p.scheduler.rebase(fresh_base_lrs)
     if p.scaler and state["scaler"]:
         p.scaler.load_state_dict(state["scaler"])
