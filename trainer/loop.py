@@ -45,7 +45,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", keep=t.keep_checkpoints)
         self.guard = NonFinite(t, parts.device, parts.dist, parts.scaler is not None, self.checkpoints)
         self.clock = state.Clock()
-        self.modes = Modes(parts.optimizer, self._recompute_batchnorm)  # schedule-free: train at y, evaluate x
+        self.modes = Modes(parts.optimizer, parts.model, self._recompute_batchnorm)  # schedule-free: y trains
         model = torch.compile(parts.model) if t.compile else parts.model
         if parts.dist.enabled:
             ids = [parts.device.index] if parts.device.type == "cuda" else None
@@ -243,7 +243,7 @@ class Trainer:
     def save(self) -> Path | None:
         """A checkpoint of the current step; never of non-finite weights (collective under DDP)."""
         with self.clock.paused():
-            self.modes.eval()  # a checkpoint holds the evaluated weights (x): resumed and straight runs agree
+            self.modes.eval()  # a checkpoint holds x as the model, y beside it (optim/schedule_free.py)
             self.guard.check_params(self.params, self.step)
             state_dict = self.state_dict()
             if self.p.dist.is_main:

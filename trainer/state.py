@@ -129,7 +129,7 @@ def state_dict(tr: Any) -> dict[str, Any]:
         "step": tr.step, "run_id": tr.run_id,
         "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
         "scaler": p.scaler.state_dict() if p.scaler else None, "transforms": p.transforms.state_dict(),
-        "early_stop": p.early_stop.state_dict() if p.early_stop else None,
+        "early_stop": p.early_stop.state_dict() if p.early_stop else None, "modes": tr.modes.state_dict(),
         "rng": rng, "rng_ranks": p.dist.all_gather(rng),
         "loop": {"loss_sum": tr.loss_sum, "loss_count": tr.loss_count, "last_eval_step": tr.last_eval_step,
                  "last_metrics": dict(tr.last_metrics), "stop_reason": tr.stop_reason,
@@ -148,6 +148,7 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
              for g in p.optimizer.param_groups]
     fresh_base_lrs = list(p.scheduler.base_lrs)
     p.model.load_state_dict(state["model"])
+    tr.modes.load_state_dict(state.get("modes"))  # a schedule-free optimizer's y (optim/schedule_free.py)
     if any(k.startswith("optimizer.") and k.endswith("._target_") for k in changes):
         if p.dist.is_main:
             print_warning("the optimizer's type changed on resume: it starts from fresh optimizer state "
