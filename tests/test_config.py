@@ -26,7 +26,8 @@ def test_every_group_has_its_issue_options():
     assert set(options("optimizer")) >= {
         "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "adafactor", "muon", "lion",
         "lamb", "nsgda", "adalo", "sm3", "amos", "smmf", "adam_atan2", "adam_softplus", "adams", "cpr", "diffgrad",
-        "adamomentum", "adanorm", "lookahead", "am_sgd", "am_adamw", "gl_fractional", "adamw2"}
+        "adamomentum", "adanorm", "lookahead", "am_sgd", "am_adamw", "gl_fractional", "adamw2",
+        "sf_sgd", "sf_adamw", "sf_radam"}
     assert set(options("schedule")) >= {
         "constant", "warmup_linear", "warmup_exp", "step", "multistep", "exponential", "cosine", "cosine_warmup",
         "sgdr", "poly", "wsd", "inverse_sqrt", "plateau"}

@@ -256,3 +256,13 @@ def test_compare_takes_a_schedule_free_option(tmp_path):
                        "--screen", "--seeds", "1", "--out", str(tmp_path)])
     assert result.code == 0, result.err
     assert "sf_adamw" in (tmp_path / "report.md").read_text()
+
+
+def test_kilns_warmup_linear_is_the_packages_warmup_steps(tmp_path):
+    """The YAMLs offer either warmup: schedule=warmup_linear sets the lr the package's warmup_steps would compute,
+    base * (t+1)/W, so the runs agree bit for bit."""
+    common = ("optimizer=sf_adamw", "optimizer.lr=0.5", "trainer.max_steps=12")
+    run(line(*common, "optimizer.warmup_steps=5"), tmp_path / "package")
+    run(line(*common, "schedule=warmup_linear", "schedule.warmup=5"), tmp_path / "kiln")
+    assert logged(tmp_path / "package") == logged(tmp_path / "kiln")
+    assert params(tmp_path / "package") == params(tmp_path / "kiln")
