@@ -266,3 +266,10 @@ def test_kilns_warmup_linear_is_the_packages_warmup_steps(tmp_path):
     run(line(*common, "schedule=warmup_linear", "schedule.warmup=5"), tmp_path / "kiln")
     assert logged(tmp_path / "package") == logged(tmp_path / "kiln")
     assert params(tmp_path / "package") == params(tmp_path / "kiln")
+
+
+def test_lookahead_around_a_schedule_free_optimizer_is_a_config_error():
+    from config import problems
+
+    lines = problems(compose_cfg("optimizer=lookahead", "optimizer@optimizer.inner=sf_adamw", "schedule=constant"))
+    assert any(line.startswith("optimizer.inner._target_: AdamWScheduleFree is schedule-free") for line in lines), lines
