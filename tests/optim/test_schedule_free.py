@@ -1,8 +1,8 @@
 """Schedule-free SGD and AdamW (the authors' package `schedulefree`, conf/optimizer/sf_*.yaml) driven by the trainer,
 against Algorithm 1 of Defazio et al. 2024 ("The Road Less Scheduled", arXiv 2405.15682) computed by hand in
-float64: the trainer trains at y and evaluates, snapshots, draws and saves x (optim/schedule_free.py); BatchNorm
-statistics are recomputed for x; a resumed run equals the uninterrupted one bit for bit; a decaying schedule is a
-warning; compare takes the options."""
+float64: the trainer trains at y and evaluates, snapshots, draws and saves x (optim/schedule_free.py), and evaluating
+never changes training; BatchNorm statistics are recomputed for x; a resumed run (sf_radam too) equals the
+uninterrupted one bit for bit; a decaying schedule is a warning; compare takes the options."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def line(*overrides):
 
 
 @pytest.mark.parametrize(("option", "lr", "adam"), [("sf_sgd", 0.05, None), ("sf_adamw", 0.5, (0.999, 1e-8))])
-def test_the_trainer_trains_at_y_and_evaluates_saves_and_snapshots_x(tmp_path, option, lr, adam):
+def test_the_trainer_trains_at_y_and_evaluates_draws_and_saves_x(tmp_path, option, lr, adam):
     T, W = 6, 3
     ref = algorithm_1(T, lr, 0.9, 0.1, W, adam)
     SeenLine.seen = []
@@ -128,7 +128,7 @@ def test_evaluating_leaves_training_untouched(tmp_path):
     assert params(tmp_path / "every") == params(tmp_path / "never")  # x at the end, from the same y and z
 
 
-@pytest.mark.parametrize(("option", "eval_every"), [("sf_adamw", 10), ("sf_sgd", 15)])
+@pytest.mark.parametrize(("option", "eval_every"), [("sf_adamw", 10), ("sf_sgd", 15), ("sf_radam", 10)])
 def test_resume_is_bit_exact(mnist_root, tmp_path, option, eval_every):
     """30 steps straight == 10 steps, then a resume from the step-10 checkpoint: the checkpoint holds x and the
     optimizer in eval mode, and both runs go from there to y by the same operation (eval_every=15: a checkpoint
