@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from core.config import compose, options  # noqa: E402
 from optim.core import state_bytes  # noqa: E402
 from optim.param_groups import param_groups  # noqa: E402
+from optim.schedule_free import Modes  # noqa: E402
 
 D, VOCAB, CONTEXT = 384, 65, 256
 
@@ -88,6 +89,7 @@ class Runner:
         for p in self.params:
             p.grad = torch.zeros_like(p)
         self.opt = make(param_groups(model))
+        Modes(self.opt, model).train()  # a schedule-free optimizer steps in train mode only
         self.needs_loss = getattr(self.opt, "requires_loss", False)
 
     def step(self, grads: list[torch.Tensor], loss: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_object
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 from config.bind import Problems, construct, fmt, resolved, under
@@ -16,8 +16,10 @@ from core.batches import split_problem, usable_cores
 from core.config import parse_duration
 from core.protocol import interpolated_from, unreported
 from optim.param_groups import config_param_groups
+from optim.schedule_free import has_modes
 from regularize.loss_reduction import REDUCTIONS
 from regularize.weight_decay import coupled_weight_decay
+from schedules.functions import decays
 from schedules.horizon import Horizon, total_steps
 from tasks.data import root_problems
 from trainer.device import machine_problems, resolve_device
@@ -196,4 +198,17 @@ def oddities(cfg: DictConfig) -> list[str]:
         lines.append(f"trainer.threads={threads}: this machine has {cores} core{'s' * (cores > 1)} for this process; "
                      "more threads than cores slow torch down; use trainer.threads=null (torch's default) or at most "
                      f"{cores}")
-    return lines
+    return lines + schedule_free_decay(cfg, p, total, spe)
+
+
+def schedule_free_decay(cfg: DictConfig, p: Problems, total: int | None, spe: int | None) -> list[str]:
+    """A schedule-free optimizer (train/eval modes, optim/schedule_free.py) under a schedule that decays."""
+    opt, known = target(cfg, "optimizer", p), total is not None and (spe or "ep" not in str(get(cfg, "schedule", p)))
+    horizon = Horizon(total, spe or 1) if known else Horizon(10**6, 10**3)
+    try:
+        falls = has_modes(opt) and decays(instantiate(cfg.schedule)(horizon), horizon.total_steps)
+    except Exception:
+        return []  # a broken schedule is reported by its own check
+    return [f"schedule._target_={get(cfg, 'schedule._target_', p)}: the learning rate decays, but {opt.__name__} is "
+            "schedule-free: it warms up by itself and its average of the iterates does what a decay would; use "
+            "schedule=constant (optimizer.warmup_steps for a warmup), or schedule=warmup_linear"] if falls else []

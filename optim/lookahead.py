@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from optim.core import int_at_least, require
+from optim.schedule_free import has_modes
 
 InnerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
@@ -43,6 +44,13 @@ class Lookahead(torch.optim.Optimizer):
                              "supported: both wrap the same param groups, so the outer k and alpha are ignored and the "
                              "step counter moves twice per step; wrap a plain optimizer: "
                              "optimizer@optimizer.inner=adamw")
+        if has_modes(self.inner):  # its groups' own `k` would be taken for lookahead's, and nothing switches its modes
+            raise ValueError(f"optimizer.inner._target_: {type(self.inner).__name__} is schedule-free: its average of "
+                             "the iterates already plays the slow weights' part, and lookahead cannot switch its "
+                             "train/eval modes; use it alone (optimizer=sf_adamw), or wrap a plain optimizer")
+        if clash := sorted({"k", "alpha", "lookahead_step"} & set(self.inner.defaults)):
+            raise ValueError(f"optimizer.inner._target_: {type(self.inner).__name__} keeps its own {', '.join(clash)} "
+                             "in its param groups, where lookahead keeps its settings; wrap another optimizer")
         # The base class adds k/alpha/lookahead_step to the inner optimizer's own group dicts.
         super().__init__(self.inner.param_groups, dict(k=k, alpha=alpha, lookahead_step=0))
         self.param_groups = self.inner.param_groups

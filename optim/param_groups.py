@@ -29,6 +29,23 @@ NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (
 )
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 NORM_TYPES: tuple[type[nn.Module], ...] = tuple(t for t in NO_DECAY_TYPES if t not in EMBEDDING_TYPES)
+# Param-group entries that optimizers update as they run: state, not hyperparameters, so a resume that changes
+# hyperparameters keeps them. By the package of the optimizer's class; torch's schedulers and ours hold for any.
+RUNNING_GROUP_KEYS = {
+    "torch": {"initial_lr"}, "optim": {"lookahead_step", "loss_ema"},  # LR schedulers; Lookahead, AdaLo
+    "prodigyopt": {"d", "d_max", "d_numerator", "d_denom", "d_hat", "k"},
+    "dadaptation": {"d", "k", "numerator_weighted"},
+    "schedulefree": {"k", "train_mode", "weight_sum", "lr_max", "scheduled_lr"},
+    "pytorch_optimizer": {"step"},
+}
+
+
+def running_group_keys(optimizer: Any) -> set[str]:
+    """The param-group entries of `optimizer` that a resume must not overwrite with the new config's."""
+    package = type(optimizer).__module__.split(".")[0]
+    return RUNNING_GROUP_KEYS["torch"] | RUNNING_GROUP_KEYS["optim"] | RUNNING_GROUP_KEYS.get(package, set())
+
+
 ROLE_ATTR = "_kiln_role"  # attribute set on each nn.Parameter by tag_roles()
 
 

@@ -87,6 +87,21 @@ def anneal(horizon: Horizon, W: int, shape: Callable[[float], float], floor: flo
     return with_warmup(W, after)
 
 
+def decays(schedule: Schedule, total_steps: int, samples: int = 1000) -> bool:
+    """Whether the multiplier ever falls over a run of `total_steps` (sampled at up to `samples` steps); a
+    metric-driven schedule (one that observes evaluations, such as plateau) may fall at any evaluation."""
+    if callable(getattr(schedule, "observe", None)):
+        return True
+    steps = sorted({round(i * (total_steps - 1) / max(1, samples - 1)) for i in range(samples)})
+    peak = -math.inf
+    for t in steps:
+        value = schedule(t)
+        if value < peak:
+            return True
+        peak = max(peak, value)
+    return False
+
+
 # -- warmup then constant --------------------------------------------------------------------------------
 def constant(horizon: Horizon) -> Schedule:
     """The LR stays at its base value: f(t) = 1."""

@@ -27,7 +27,7 @@ def test_every_group_has_its_issue_options():
         "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "adafactor", "muon", "lion",
         "lamb", "nsgda", "adalo", "sm3", "amos", "smmf", "adam_atan2", "adam_softplus", "adams", "cpr", "diffgrad",
         "adamomentum", "adanorm", "lookahead", "am_sgd", "am_adamw", "gl_fractional", "adamw2", "prodigy",
-        "dadapt_adam", "soap", "shampoo"}
+        "dadapt_adam", "soap", "shampoo", "sf_sgd", "sf_adamw", "sf_radam"}
     assert set(options("schedule")) >= {
         "constant", "warmup_linear", "warmup_exp", "step", "multistep", "exponential", "cosine", "cosine_warmup",
         "sgdr", "poly", "wsd", "inverse_sqrt", "plateau"}

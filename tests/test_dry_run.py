@@ -28,6 +28,9 @@ def test_optimizer_state_size_leaves_the_model_alone():
     # moments and step for the other five tensors (the last Linear is the output head).
     hidden = 3 * 4 * 4
     assert optimizer_state_bytes(compose_cfg("optimizer=muon"), model) == hidden + 2 * (n_bytes - hidden) + 4 * 5
+    # schedule-free (stepped in train mode): z, and for AdamW exp_avg_sq, per parameter
+    assert optimizer_state_bytes(compose_cfg("optimizer=sf_sgd"), model) == n_bytes
+    assert optimizer_state_bytes(compose_cfg("optimizer=sf_adamw"), model) == 2 * n_bytes
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

@@ -229,17 +229,11 @@ def test_a_checkpoint_of_an_earlier_kiln_is_refused_with_the_reason(tmp_path):
         run(toy("trainer.max_steps=4", "trainer.checkpoint_interval=2", f"trainer.resume={ckpt}"), tmp_path / "b")
 
 
-# -- issue 24: the learning-rate-free and matrix-preconditioned optimizers resume exactly ---------------------------
-# trainer/state.py overwrites every param-group entry but RUNNING_GROUP_KEYS with the fresh config's on resume, and
-# Prodigy's and D-Adaptation's running estimate lives in the groups ("d", "d_max", "d_numerator", "d_denom", "d_hat",
-# "k"; "numerator_weighted"): the resumed run restarts d from d0. Adding those names to RUNNING_GROUP_KEYS makes
-# both pass (checked); trainer/ is another helper's part of issue 24.
-D_IN_GROUPS = pytest.mark.xfail(strict=True, reason="trainer/state.py resets the groups' running d on resume")
+# -- the learning-rate-free and matrix-preconditioned optimizers resume exactly (their running group entries kept) ---
 
 
-@pytest.mark.parametrize("optimizer", [pytest.param("prodigy", marks=D_IN_GROUPS),
-                                       pytest.param("dadapt_adam", marks=D_IN_GROUPS), "soap", "shampoo"])
-def test_issue_24_optimizers_resume_bit_exact(mnist_root, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer", ["prodigy", "dadapt_adam", "soap", "shampoo"])
+def test_learning_rate_free_and_preconditioned_optimizers_resume_bit_exact(mnist_root, tmp_path, optimizer):
     """6 steps straight == 3 steps, then resumed from the step-3 checkpoint (Prodigy's and D-Adaptation's d and
     their running sums live in the param groups, SOAP's bases and Shampoo's factors in the state)."""
     common = (f"optimizer={optimizer}", "trainer.max_steps=6", "trainer.log_interval=1",

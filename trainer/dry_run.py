@@ -16,6 +16,7 @@ from rich.table import Table
 
 from optim.core import state_bytes
 from optim.param_groups import config_param_groups
+from optim.schedule_free import Modes
 from trainer.build import build
 
 
@@ -25,6 +26,7 @@ def optimizer_state_bytes(cfg: DictConfig, model: torch.nn.Module) -> int:
     twin = copy.deepcopy(model)
     groups = config_param_groups(twin, cfg.regularize)
     opt = instantiate(cfg.optimizer)(groups)
+    Modes(opt, twin).train()  # a schedule-free optimizer steps in train mode only
     for p in twin.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)

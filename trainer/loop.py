@@ -9,6 +9,7 @@ Policies live in their own objects: non-finite steps (trainer/nonfinite.py), the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import signal
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from core import protocol
 from core.errors import BadSampleError
 from core.log import RunLogger
 from core.rng import fork_rng
+from optim.batchnorm import recompute_batchnorm
+from optim.schedule_free import Modes
 from regularize.loss_reduction import REDUCTIONS
 from trainer import state
 from trainer.build import Parts
@@ -43,6 +46,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", keep=t.keep_checkpoints)
         self.guard = NonFinite(t, parts.device, parts.dist, parts.scaler is not None, self.checkpoints)
         self.clock = state.Clock()
+        self.modes = Modes(parts.optimizer, parts.model, self._recompute_batchnorm)  # schedule-free: y trains
         model = torch.compile(parts.model) if t.compile else parts.model
         if parts.dist.enabled:
             ids = [parts.device.index] if parts.device.type == "cuda" else None
@@ -69,6 +73,7 @@ class Trainer:
                     self._check_monitored(self._eval_metrics(p.task.evaluate))
             self.train_model.train()
             while self.step < self.total_steps and not self.stop_reason:
+                self.modes.train()
                 logging_now = (self.step + 1) % self.log_every == 0
                 lrs = [(g["lr"], g.get("d")) for g in opt.param_groups]  # d: Prodigy's, D-Adaptation's estimate
                 loss = self._forward_backward(self.step)
@@ -171,6 +176,7 @@ class Trainer:
         """The task's `method` (evaluate or final_metrics) in eval mode, on a private RNG stream: metrics are
         repeatable and training's RNG is untouched."""
         p = self.p
+        self.modes.eval()
         p.model.eval()
         with fork_rng(p.device), torch.no_grad(), p.autocast:
             torch.manual_seed(p.cfg.trainer.seed + 1)
@@ -186,7 +192,9 @@ class Trainer:
 
     @contextlib.contextmanager
     def _averaged(self) -> Iterator[dict[str, float]]:
-        """average=...: the average in the model inside (optim/averaging.py); yields the raw_ metrics."""
+        """average=...: the average in the model inside (optim/averaging.py); yields the raw_ metrics. A schedule-free
+        optimizer's x goes in first: the swap restores what it found."""
+        self.modes.eval()
         raw = self._raw_metrics(self.p.task.evaluate)
         with self.p.average.swapped(self.p) if self.p.average else contextlib.nullcontext():
             yield raw
@@ -259,12 +267,21 @@ class Trainer:
     def save(self) -> Path | None:
         """A checkpoint of the current step; never of non-finite weights (collective under DDP)."""
         with self.clock.paused():
+            self.modes.eval()  # a checkpoint holds x as the model, y beside it (optim/schedule_free.py)
             self.guard.check_params(self.params, self.step)
             state_dict = self.state_dict()
             if self.p.dist.is_main:
                 self.last_checkpoint = self.checkpoints.save(state_dict, self.step)
                 return self.last_checkpoint
         return None
+
+    def _recompute_batchnorm(self, batches: int = 50) -> None:
+        """BatchNorm statistics for the weights just switched to (optim/schedule_free.py): the authors' 50 batches,
+        the training micro-batches of the steps just taken, on a private RNG stream."""
+        p, steps = self.p, range(max(0, self.step - batches), self.step)
+        recent = itertools.islice(itertools.chain.from_iterable(p.batches(s) for s in steps), batches)
+        with fork_rng(p.device), p.autocast:
+            recompute_batchnorm(p.model, recent, lambda b: p.task.loss(p.model, b), p.dist.all_mean)
 
     def _histograms(self, log: RunLogger) -> None:
         """Parameter and gradient histograms per layer (long-tailed gradients show up here)."""

@@ -20,11 +20,12 @@ from core.config import flatten
 from core.errors import ConfigError, UserError
 from core.log import print_warning
 from core.rng import rng_state, set_rng_state, step_seed
+from optim.param_groups import running_group_keys
 from trainer.checkpoint import file_digest, load_checkpoint, resume_candidates
 
 # Keys that may change on resume (fnmatch patterns on the dotted key), except BREAKING ones. RETARGETABLE: changes
-# that still apply to a target whose type changed. RUNNING_GROUP_KEYS: param-group entries an optimizer updates as it
-# runs (not hyperparameters), never overwritten on resume.
+# that still apply to a target whose type changed. An optimizer's running param-group entries are never overwritten
+# on resume (optim/param_groups.running_group_keys).
 LEGITIMATE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.*_interval", "trainer.keep_checkpoints", "trainer.pictures",
     "trainer.resume", "trainer.resume_allow_changes", "trainer.resume_allow_data_changes", "trainer.existing_run",
@@ -35,7 +36,6 @@ LEGITIMATE = (
 )
 BREAKING = ("*._target_",)  # fnmatch * crosses dots: every _target_ at any depth
 RETARGETABLE = ("schedule._target_", "early_stop", "early_stop.*", "average", "average.*")  # averaging: not training
-RUNNING_GROUP_KEYS = {"initial_lr", "lookahead_step", "loss_ema"}
 
 
 def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
@@ -128,7 +128,7 @@ def state_dict(tr: Any) -> dict[str, Any]:
         "step": tr.step, "run_id": tr.run_id,
         "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
         "scaler": p.scaler.state_dict() if p.scaler else None, "transforms": p.transforms.state_dict(),
-        "early_stop": p.early_stop.state_dict() if p.early_stop else None,
+        "early_stop": p.early_stop.state_dict() if p.early_stop else None, "modes": tr.modes.state_dict(),
         "average": p.average.state_dict() if p.average else None,
         "rng": rng, "rng_ranks": p.dist.all_gather(rng),
         "loop": {"loss_sum": tr.loss_sum, "loss_count": tr.loss_count, "last_eval_step": tr.last_eval_step,
@@ -148,6 +148,7 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
              for g in p.optimizer.param_groups]
     fresh_base_lrs = list(p.scheduler.base_lrs)
     p.model.load_state_dict(state["model"])
+    tr.modes.load_state_dict(state.get("modes"))  # a schedule-free optimizer's y (optim/schedule_free.py)
     if any(k.startswith("optimizer.") and k.endswith("._target_") for k in changes):
         if p.dist.is_main:
             print_warning("the optimizer's type changed on resume: it starts from fresh optimizer state "
@@ -156,8 +157,9 @@ def load_state_dict(tr: Any, state: dict[str, Any], changes: dict[str, tuple] | 
         p.optimizer.load_state_dict(state["optimizer"])
     p.scheduler.load_state_dict(state["scheduler"])
     if changes:  # the new config's lr, betas, weight decay..., base LRs and horizon from here on
+        running = running_group_keys(p.optimizer)
         for group, want in zip(p.optimizer.param_groups, fresh):
-            group.update({k: v for k, v in want.items() if k not in RUNNING_GROUP_KEYS})
+            group.update({k: v for k, v in want.items() if k not in running})
         p.scheduler.rebase(fresh_base_lrs)
     if p.scaler and state["scaler"]:
         p.scaler.load_state_dict(state["scaler"])

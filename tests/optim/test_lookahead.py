@@ -117,3 +117,11 @@ def test_hydra_picks_and_tunes_the_inner_optimizer():
                       "optimizer.k=7")
     opt = instantiate(cfg.optimizer)(params)
     assert isinstance(opt.inner, NSGDA) and opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["k"] == 7
+
+
+@pytest.mark.parametrize("inner", ["prodigy", "dadapt_adam"])
+def test_an_inner_optimizer_whose_groups_hold_k_is_refused(inner):
+    """Prodigy and D-Adaptation count their steps in group['k']: lookahead's k (its sync period) would be theirs."""
+    factory = instantiate(compose_cfg(f"optimizer={inner}").optimizer)
+    with pytest.raises(ValueError, match=r"keeps its own k in its param groups, where lookahead keeps its settings"):
+        Lookahead([torch.nn.Parameter(torch.zeros(3))], inner=factory)
