@@ -30,10 +30,13 @@ def need_slurm() -> None:
     if shutil.which("sinfo") is None:
         reason = "sinfo not found"
     else:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        try:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            out = subprocess.CompletedProcess([], 1, "", "no answer in 30 s (is slurmctld running?)")
         states = out.stdout.split()
         if out.returncode != 0:
-            reason = f"sinfo failed: {out.stderr.strip()}"
+            reason = f"sinfo failed: {(out.stderr.strip().splitlines() or ['no message'])[-1]}"
         elif not {"idle", "mixed", "allocated", "completing"} & set(states):  # "idle*": not responding
             reason = f"no idle node (sinfo: {' '.join(states) or 'no nodes'})"
     if reason:
