@@ -7,9 +7,11 @@ The request is first checked against the nodes (`sinfo`): SLURM queues a job lar
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ class KilnSlurmLauncher(SlurmLauncher):
             print_error("no node of the cluster can run the sweep's jobs, so nothing was submitted: " +
                         "; ".join(problems) + ".")
             sys.exit(2)
+        watcher = _squeue_when_no_accounting()
+        if not isinstance(submitit.slurm.slurm.SlurmJob.watcher, watcher):
+            submitit.slurm.slurm.SlurmJob.watcher = watcher(delay_s=600)
         try:
             with _results_one_by_one():
                 return super().launch(job_overrides, initial_job_idx)
@@ -53,8 +58,8 @@ class _results_one_by_one:
             try:
                 return self.original(job)
             except submitit.core.utils.UncompletedJobError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"SLURM job {job.job_id} ended without a result ({first}); its logs: {job.paths.folder}",
+                said = " ".join(str(e).split()[:40]) or type(e).__name__
+                print(f"SLURM job {job.job_id} ended without a result ({said}); its logs: {job.paths.folder}",
                       file=sys.stderr)
                 return [JobReturn(status=JobStatus.COMPLETED, _return_value=None)]
 
@@ -64,6 +69,50 @@ class _results_one_by_one:
         import submitit
 
         submitit.Job.results = self.original
+
+
+@functools.cache
+def _squeue_when_no_accounting() -> type:
+    """The watcher class below (built on first use: Hydra imports this module whenever it looks for plugins, and
+    submitit takes a while to import)."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class _SqueueWhenNoAccounting(SlurmInfoWatcher):
+        """submitit learns a job's state from sacct; a cluster without accounting (the local one of `make slurm-up`)
+        answers "accounting storage is disabled", so a job SLURM ended without a result would be waited for for ever.
+        There squeue gives the state, and a job squeue no longer lists has ended (state ENDED): finished jobs are still
+        found by their result files, and one without a result is reported by _results_one_by_one."""
+
+        accounting: bool | None = None
+
+        def update(self) -> None:
+            if self.accounting is None:
+                probe = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=60)
+                type(self).accounting = probe.returncode == 0
+            if self.accounting:
+                return super().update()
+            pending = self._registered - self._finished
+            if not pending:
+                return
+            self._num_calls += 1
+            try:  # -r: one line per element of a job array, as submitit names them (<array id>_<index>)
+                out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%N"], capture_output=True, text=True,
+                                     timeout=60, check=True).stdout
+            except (OSError, subprocess.SubprocessError):
+                self._last_status_check = time.time()
+                return
+            listed = {}
+            for line in out.splitlines():
+                job_id, state, nodes = (line.split("|") + ["", ""])[:3]
+                listed[job_id] = {"JobID": job_id, "State": state, "NodeList": nodes}
+            for job_id in pending:
+                self._info_dict[job_id] = listed.get(job_id, {"JobID": job_id, "State": "ENDED", "NodeList": ""})
+            self._last_status_check = time.time()
+            for job_id in pending:
+                if self.is_done(job_id, mode="cache"):
+                    self._finished.add(job_id)
+
+    return _SqueueWhenNoAccounting
 
 
 def node_limits(partition: str | None) -> list[dict[str, Any]] | None:

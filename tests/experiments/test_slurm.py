@@ -12,12 +12,13 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 
 from hydra_plugins.kiln_slurm_launcher import node_limits, refused_message, too_big
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 TINY = ("trainer.max_steps=2", "trainer.pictures=false", "trainer.eval_interval=0", "trainer.log_interval=1",
         "trainer.histogram_interval=0")
@@ -98,6 +99,36 @@ def test_ddp_job_with_two_tasks_runs_on_slurm(mnist_root, tmp_path):
     assert values == [final["val_loss"], final["val_loss"]]  # both ranks evaluated the same synchronised model
     print(f"\nslurm ddp: job {job}, 2 tasks, 2 ranks, finished in {time.time() - started:.1f}s; "
           f"val_loss {final['val_loss']:.4f} read back from both tasks and final_metrics.json")
+
+
+@pytest.mark.slurm
+def test_a_job_slurm_kills_is_reported_and_the_others_kept(mnist_root, tmp_path):
+    """scancel one job of two while it runs: the launcher does not wait for it for ever (no sacct on the local
+    cluster: squeue says it is gone), names it, and the sweep's table keeps the other job's result."""
+    need_slurm()
+    sweep_dir = tmp_path / "killed"
+    args = ["-m", "sweep=slurm", "trainer.max_steps=2,100000", f"data.root={mnist_root}", *TINY[1:],
+            f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, long_job = time.time() + 120, None
+        while time.time() < deadline and long_job is None:  # until the long job has started
+            time.sleep(0.5)
+            long_job = next((s.parent.name for s in sweep_dir.glob("*/status.json")
+                             if "trainer.max_steps=100000" in json.loads(s.read_text())["overrides"]), None)
+        array = next(sweep_dir.glob(".submitit/*_1")).name  # <array id>_1: the second job of the sweep
+        subprocess.run(["scancel", array], check=True)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, stderr[-3000:]
+    assert f"SLURM job {array} ended without a result" in stderr and "Traceback" not in stderr
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 1, "failed": 0, "interrupted": 1}
+    assert long_job is not None and summary["runs"][1]["run_dir"] == long_job
+    print(f"\nslurm scancel: job {array} killed, reported; the other job's val_loss "
+          f"{summary['runs'][0]['final/val_loss']:.4f} kept")
 
 
 @pytest.mark.slurm
