@@ -131,8 +131,8 @@ up() {
   done
   case $state in
     idle|mixed|allocated) say "node localhost is $state:"; sinfo ;;
-    *) echo "--- slurmctld log" >&2; tail -20 "$DIR/log/slurmctld.log" "$DIR/log/slurmctld.out" >&2 || true
-       echo "--- slurmd log" >&2; tail -20 "$DIR/log/slurmd.log" "$DIR/log/slurmd.out" >&2 || true
+    *) echo "--- slurmctld log" >&2; tail -n 20 "$DIR/log/slurmctld.log" "$DIR/log/slurmctld.out" >&2 || true
+       echo "--- slurmd log" >&2; tail -n 20 "$DIR/log/slurmd.log" "$DIR/log/slurmd.out" >&2 || true
        die "the node did not become idle within ${WAIT_S}s (state: ${state:-no answer from slurmctld})" ;;
   esac
 }
