@@ -1,9 +1,9 @@
-"""The SLURM launcher of `sweep=slurm`: hydra-submitit-launcher's, except that a request the cluster refuses (sbatch
-fails: a GPU on a node without, more CPUs or memory than a node has) ends with one clear paragraph naming the
-`hydra.launcher.*` key to change and what the nodes offer, exit 2, rather than submitit's traceback; and a job that
-SLURM itself ended (killed, out of time) is reported with its log folder while the sweep's other results are kept.
-The request is first checked against the nodes (`sinfo`): SLURM queues a job larger than any node for ever
-(pending, reason PartitionConfig) rather than refuse it, and without accounting (sacct) submitit cannot tell."""
+"""The SLURM launcher of `sweep=slurm`: hydra-submitit-launcher's, with three changes. A request no node of the
+partition can meet (more GPUs, CPUs or memory than `sinfo` lists; SLURM would queue it for ever, reason
+PartitionConfig) or that sbatch refuses ends before anything runs with one paragraph naming the `hydra.launcher.*`
+key and a value that fits, exit 2, not submitit's traceback. On a cluster without accounting (sacct) job states come
+from squeue. A job SLURM ended without a result (scancel, time or memory limit) is reported with its log folder and
+returns None, as a failed job does, so the sweep's other results and its summary are kept."""
 
 from __future__ import annotations
 
