@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KILN_DATA_ROOT ?= data
 export KILN_DATA_ROOT
 
-.PHONY: install train test lint bench gpu-check check-recipes lock clean
+.PHONY: install train test lint bench gpu-check check-recipes lock clean slurm-up slurm-down slurm-test
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ gpu-check: install        ## the cuda tests (tests/cuda), then the GPU figures (
 
 check-recipes: install   ## every recipe's short version against its declared result (ARGS=--full: the real runs)
 	$(BIN)/python -m experiments.check_recipes $(ARGS)
+
+slurm-up:                 ## a single-node SLURM on this machine (root; installs slurm-wlm + munge if missing): sweep=slurm runs on it
+	scripts/slurm.sh up
+
+slurm-down:               ## stop the daemons slurm-up started (by their recorded pids)
+	scripts/slurm.sh down
+
+slurm-test: install       ## the tests marked slurm against the running cluster, their lines shown (jobs, results)
+	$(BIN)/python -m pytest -m slurm -s -v tests/experiments/test_slurm.py $(ARGS)
 
 lock: install             ## rewrite constraints.txt from the current venv
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^kiln'; } > constraints.tmp && mv constraints.tmp constraints.txt
