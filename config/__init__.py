@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from config.bind import BOUND, TOP_LEVEL, check_groups, did_you_mean, targets
+from config.bind import BOUND, TOP_LEVEL, check_groups, targets
 from config.bind import bind as _bind  # not `bind`: that name is the module config.bind
 from config.cli import required_groups
 from config.resolve import unresolvable
 from config.rules import check_construction, check_rules, oddities
 from core.errors import ConfigError
 from core.log import print_warning
+from core.messages import did_you_mean
 
 _WARNED: set[str] = set()  # oddities already printed by this process (a sweep checks every job)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import types
 import typing
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from core.config import GROUPS, Allowed
+from core.messages import closest, did_you_mean, fmt, reason
 from core.protocol import interpolated_from
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -23,36 +23,6 @@ SUPPLIED = {"params", "horizon", "num_features", "self"}  # what the trainer pas
 BOUND = ("task", "optimizer", "schedule", "norm", "clip", "amp", "early_stop", "average")  # `_target_` groups
 TOP_LEVEL = (*BOUND, *GROUPS)
 Problems = dict[str, str]  # full key -> its line; the first found for a key wins
-
-
-def fmt(value: Any, limit: int = 60) -> str:
-    """A value as the user would write it on the command line."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    text = repr(value) if isinstance(value, str) else str(value)
-    if isinstance(value, list | tuple):
-        text = "[" + ", ".join(fmt(v, limit) for v in value) + "]"
-    elif isinstance(value, Mapping):
-        text = "{" + ", ".join(f"{k}: {fmt(v, limit)}" for k, v in value.items()) + "}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def closest(word: str, choices: Iterable[Any]) -> str | None:
-    """The choice `word` was probably meant to be, or None."""
-    return next(iter(difflib.get_close_matches(word, [str(c) for c in choices], n=1)), None)
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    choices = sorted(set(choices))
-    if close := closest(word, choices):
-        return f"did you mean '{close}'?"
-    return f"allowed: {', '.join(choices)}" if choices else "no keys are allowed here"
-
-
-def reason(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def describe(hint: Any, meta: Iterable[Any] = ()) -> str:

@@ -13,10 +13,10 @@ from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from config.bind import closest
 from config.resolve import unresolvable
 from core.config import CONF, compose, groups, options
 from core.log import print_error, print_warning
+from core.messages import closest
 
 
 def required_groups() -> dict[str, list[str]]:

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.basecontainer import BaseContainer
 from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError, UnsupportedInterpolationType
 
-from config.bind import closest, fmt, reason, targets
+from config.bind import targets
+from core.messages import closest, fmt, reason
 from core.protocol import interpolated_from
 
 _ABSENT = object()

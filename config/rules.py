@@ -11,9 +11,10 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
-from config.bind import Problems, construct, fmt, resolved, under
+from config.bind import Problems, construct, resolved, under
 from core.batches import split_problem, usable_cores
 from core.config import parse_duration
+from core.messages import fmt
 from core.protocol import interpolated_from, unreported
 from optim.param_groups import config_param_groups
 from optim.schedule_free import has_modes

@@ -12,7 +12,6 @@ in the message (TaskError: exit code 2, no traceback):
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import numbers
 import re
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from core.errors import TaskError
+from core.messages import closest
 from core.task import Task
 
 METHODS = ("setup", "build_model", "loss", "evaluate")
@@ -150,8 +150,8 @@ def unreported(cfg: DictConfig, key: str, name: str, task: str, evals: Iterable[
     why = "reports it once, at the end, not at each evaluation" if name in finals else "does not report it"
     reports = f"its evaluate() reports {', '.join(evals) or 'nothing'}" + \
         (f" and final_metrics() {', '.join(finals)}" if finals else "")
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    fix = f"{f'did you mean {close[0]!r}? ' if close else ''}set {' or '.join(f'{key}={m}' for m in choices)} (the " \
+    close = closest(name, choices)
+    fix = f"{f'did you mean {close!r}? ' if close else ''}set {' or '.join(f'{key}={m}' for m in choices)} (the " \
           "task's YAML or the command line)" if choices else ""
     via = "".join(f" (from ${{{s}}})" for s in interpolated_from(cfg, key))
     return f"{key}={name!r}{via}: the task {task} {why}; {reports}" + (f"; {fix}" if fix else "")

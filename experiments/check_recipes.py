@@ -59,6 +59,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from core.config import ExpectConfig, options
+from core.messages import did_you_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -282,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     names = [i for i in args.items if "=" not in i] or recipe_names()
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").is_file()]
     if unknown:
-        from config import did_you_mean  # loads torch: only on the error paths
         from core.log import print_error
 
         print_error("; ".join(f"unknown recipe {n!r}: {did_you_mean(n, recipe_names())}" for n in unknown))

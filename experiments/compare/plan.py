@@ -35,11 +35,12 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from config import did_you_mean, problems, unresolvable
+from config import problems, unresolvable
 from config.cli import unknown_keys
 from core.config import groups
 from core.config import options as group_options
 from core.errors import ConfigError
+from core.messages import did_you_mean, reason
 from core.sampler import SAMPLERS
 from schedules import Horizon
 
@@ -279,7 +280,7 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
         try:
             cfg = compose(line + [f"{k}={v}" for k, v in user.items()])
         except HydraException as e:
-            add(f"{override}: {str(e).splitlines()[0]}")
+            add(f"{override}: {reason(e)}")
             continue
         known[value] = problems(cfg)
         for p in known[value]:
@@ -302,7 +303,7 @@ def build_plan(args: list[str], *, seeds: int, screen: bool, baseline: str | Non
                 try:
                     OmegaConf.update(cfg, key, parse_override(f"{key}={value}")[1], merge=False)
                 except Exception as e:
-                    add(f"--tune {item}: [{opt.label}] {key}={value}: {str(e).splitlines()[0]}")
+                    add(f"--tune {item}: [{opt.label}] {key}={value}: {reason(e)}")
                     continue
                 for p in problems(cfg):
                     if p not in known[opt.label]:  # the option's own are reported already
