@@ -239,13 +239,20 @@ def test_learning_rate_free_and_preconditioned_optimizers_resume_bit_exact(mnist
     common = (f"optimizer={optimizer}", "trainer.max_steps=6", "trainer.log_interval=1",
               "trainer.checkpoint_interval=3", "trainer.keep_checkpoints=0", "trainer.eval_interval=0",
               "optimizer.precondition_frequency=2" if optimizer == "soap" else "trainer.seed=0")
+    straight, resumed = straight_then_resumed(mnist_root, tmp_path, common, at=3)
+    assert {s: v for s, v in logged(straight).items() if s > 3} == logged(resumed)
+
+
+def straight_then_resumed(mnist_root, tmp_path, common, at):
+    """The VAE run `common` straight, and again resumed from its step-`at` checkpoint: the final weights are equal
+    bit for bit. Returns both run directories."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(vae_cfg(mnist_root, *common), straight)
-    run(vae_cfg(mnist_root, *common, f"trainer.resume={straight / 'checkpoints' / 'step-00000003.pt'}"), resumed)
+    run(vae_cfg(mnist_root, *common, f"trainer.resume={straight / 'checkpoints' / f'step-{at:08d}.pt'}"), resumed)
     a, b = params(straight), params(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert {s: v for s, v in logged(straight).items() if s > 3} == logged(resumed)
+    return straight, resumed
 
 
 # -- weight averaging (average=ema|swa|lawa): the average and its counters live in every checkpoint ---------------

@@ -20,8 +20,8 @@ from schedules.functions import decays
 from tests.conftest import compose_cfg
 from tests.experiments.test_compare import TOY, run_main
 from tests.test_batches import digits_cfg
-from tests.test_loop import line_cfg, logged, params, vae_cfg
-from tests.test_resume import interrupt_at, toy
+from tests.test_loop import line_cfg, logged, params
+from tests.test_resume import interrupt_at, straight_then_resumed, toy
 from tests.toy import LineTask
 from trainer.checkpoint import load_checkpoint
 from trainer.run import run
@@ -136,12 +136,7 @@ def test_resume_is_bit_exact(mnist_root, tmp_path, option, eval_every):
     common = (f"optimizer={option}", "optimizer.lr=0.01", "schedule=constant", "trainer.max_steps=30",
               "trainer.log_interval=5", "trainer.checkpoint_interval=10", "trainer.keep_checkpoints=0",
               f"trainer.eval_interval={eval_every}")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(vae_cfg(mnist_root, *common), straight)
-    run(vae_cfg(mnist_root, *common, f"trainer.resume={straight / 'checkpoints' / 'step-00000010.pt'}"), resumed)
-    a, b = params(straight), params(resumed)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    straight, resumed = straight_then_resumed(mnist_root, tmp_path, common, at=10)
     losses = logged(resumed)
     assert min(losses) == 15 and {s: logged(straight)[s] for s in losses} == losses
     assert logged(straight, "eval/val_loss")[30] == logged(resumed, "eval/val_loss")[30]
