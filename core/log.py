@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -94,6 +95,13 @@ class RunLogger:
         if self.mode != "off":
             self.console.print(message, highlight=False, soft_wrap=True)
 
+    def histograms(self, model: torch.nn.Module, step: int) -> None:
+        """Parameter and gradient histograms per layer (long-tailed gradients show up here)."""
+        for name, param in model.named_parameters():
+            self.writer.add_histogram(f"params/{name}", param.detach().float().cpu(), step)
+            if param.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), step)
+
     def final_table(self, metrics: dict[str, Any], title: str = "final metrics") -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -152,6 +160,9 @@ class NullLogger:
         pass
 
     def info(self, message: str) -> None:
+        pass
+
+    def histograms(self, model: Any, step: int) -> None:
         pass
 
     def final_table(self, metrics: dict[str, Any], title: str = "final metrics") -> None:

@@ -9,15 +9,16 @@ its weights along the trajectory instead of the last iterate.
   snapshots, taken every `every` steps from `start`.
 
 From torch.optim.swa_utils: AveragedModel holds EMA's and SWA's running average (its float32 copy of the model,
-n_averaged, its state_dict), update_bn recomputes BatchNorm statistics. Written here, and why: the update, one
+n_averaged, its state_dict); BatchNorm statistics are recomputed by update_bn's rule (optim/batchnorm.py, shared
+with the schedule-free optimizers). Written here, and why: the update, one
 foreach lerp (the rule of get_ema_multi_avg_fn and get_swa_multi_avg_fn, with timm's decay per step and SWA's
 1/(n+1) from a host count): AveragedModel.update_parameters reads its count on the host (bool(n_averaged == 0))
 and copies it to the device at every call, a host synchronisation per training step on CUDA
 (tests/cuda/test_host_syncs.py catches it); LAWA's ring of k snapshots (AveragedModel keeps one running mean; a
 running sum less the oldest snapshot would drift); the swap of the average into the trained model
-and back (the trainer's evaluation, early stopping and pictures all read one model); update_bn fed through the
-task's loss (it calls model(batch[0]); a kiln batch goes through task.loss), on the batches of the run's first
-`bn_steps` steps (both data paths: `batches(step)` is a pure function of the step), on a forked RNG.
+and back (the trainer's evaluation, early stopping and pictures all read one model). The BatchNorm recompute runs on
+the batches of the run's first `bn_steps` steps (both data paths: `batches(step)` is a pure function of the step),
+on a forked RNG.
 
 DDP: every rank applies the same update to the same weights, so each rank's own copy is the same average. Only
 BatchNorm's running statistics differ between ranks (each rank normalises its own shard): the average's are taken
@@ -33,11 +34,12 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel
 
 from core.config import parse_duration
 from core.rng import fork_rng
 from core.task import Task
+from optim.batchnorm import recompute_batchnorm
 
 BN = ("average", "recompute")  # BatchNorm statistics of the average: averaged like the weights, or recomputed
 EVAL = ("average", "both")  # what evaluations score: the average, or also the trained weights (as raw_<metric>)
@@ -51,17 +53,6 @@ class Run(Protocol):
     batches: Callable[[int], Iterable[Any]]  # this rank's micro-batches of a step
     autocast: contextlib.AbstractContextManager
     device: torch.device
-
-
-class _ThroughLoss(nn.Module):
-    """update_bn calls model(input): here the input is a kiln batch and the forward pass is the task's loss."""
-
-    def __init__(self, task: Task, model: nn.Module) -> None:
-        super().__init__()
-        self.task, self.model = task, model
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.task.loss(self.model, batch)
 
 
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
@@ -116,8 +107,8 @@ class Average:
         torch._foreach_copy_(self.tensors(run.model), average)
         if self.recompute:
             with fork_rng(run.device), run.autocast:  # the training RNG does not move
-                update_bn(((batch,) for s in range(self.bn_steps) for batch in run.batches(s)),
-                          _ThroughLoss(run.task, run.model).train(run.model.training))
+                recompute_batchnorm(run.model, (batch for s in range(self.bn_steps) for batch in run.batches(s)),
+                                    lambda batch: run.task.loss(run.model, batch))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for module in run.model.modules():  # BatchNorm statistics: the same on every rank
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:

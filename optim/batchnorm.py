@@ -1,5 +1,5 @@
 """BatchNorm running statistics recomputed for weights other than the ones they were gathered at (a schedule-free
-optimizer's x, optim/schedule_free.py).
+optimizer's x, optim/schedule_free.py; a weight average, optim/averaging.py).
 
 The rule is torch.optim.swa_utils.update_bn's: reset the running statistics, set momentum to None (a cumulative
 average, so every batch counts equally and nothing of the old statistics remains), forward the batches in train mode

@@ -29,7 +29,7 @@ from trainer import state
 from trainer.build import Parts
 from trainer.checkpoint import CheckpointDir, atomic_save
 from trainer.nonfinite import REDO, STEP, NonFinite
-from trainer.signals import Interrupted, resume_command
+from trainer.signals import Interrupted, resume_command, resume_hint
 
 
 class Trainer:
@@ -86,7 +86,8 @@ class Trainer:
                 if p.average:
                     p.average.update(p.model, self.step)
                 if self.hist_every and self.step % self.hist_every == 0:
-                    self._histograms(log)
+                    with clock.paused():
+                        log.histograms(p.model, self.step)
                 opt.zero_grad(set_to_none=True)
                 log.advance(self.step)
 
@@ -106,8 +107,8 @@ class Trainer:
             guard.check()
             return self._finish(log)
         except BadSampleError as e:  # a broken file met mid-run: fixed, the run resumes from its last checkpoint
-            raise type(e)(f"{e}\nStopped at step {self.step}; {self.resume_hint('once the data are fixed, ')}") \
-                from None
+            hint = resume_hint(self.run_dir, "once the data are fixed, ")
+            raise type(e)(f"{e}\nStopped at step {self.step}; {hint}") from None
 
     def _forward_backward(self, step: int) -> torch.Tensor:
         """Forward and backward over this rank's grad_accum micro-batches of step `step`; returns the step's loss (a
@@ -283,16 +284,6 @@ class Trainer:
         with fork_rng(p.device), p.autocast:
             recompute_batchnorm(p.model, recent, lambda b: p.task.loss(p.model, b), p.dist.all_mean)
 
-    def _histograms(self, log: RunLogger) -> None:
-        """Parameter and gradient histograms per layer (long-tailed gradients show up here)."""
-        if log.writer is None:
-            return
-        with self.clock.paused():
-            for name, param in self.p.model.named_parameters():
-                log.writer.add_histogram(f"params/{name}", param.detach().float().cpu(), self.step)
-                if param.grad is not None:
-                    log.writer.add_histogram(f"grads/{name}", param.grad.detach().float().cpu(), self.step)
-
     def _stop_if_signalled(self, where: str = "", saved: Path | None = None, left: str = "") -> None:
         """After a SIGTERM / SIGINT: a checkpoint of this step (unless the run's final one is `saved` and `left` says
         what is left to do), then Interrupted with the command that resumes."""
@@ -305,11 +296,3 @@ class Trainer:
                 if left else f"{where}; checkpoint {path or self.run_dir}. Resume with")
         raise Interrupted(f"stopped by {signal.Signals(self.signal).name} at step {self.step}{said}:\n  "
                           f"{resume_command(self.run_dir)}", self.signal)
-
-    def resume_hint(self, once: str = "") -> str:
-        """Where a run stopped without a checkpoint of its step continues from (`once`: what must happen first)."""
-        last = self.checkpoints.step_files()
-        if not last:
-            return f"no checkpoint was written before it: {once}run the same command again."
-        then = f"{once[:1].upper()}{once[1:]}resume" if once else "Resume"
-        return f"the last checkpoint is {last[-1]}. {then} with:\n  {resume_command(self.run_dir)}"

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from core.errors import UserError
+from trainer.checkpoint import CheckpointDir
 
 
 class Interrupted(UserError):
@@ -27,6 +28,15 @@ def resume_command(run_dir: Path) -> str:
     """The command line that continues this run (train.py's own, with trainer.resume=<run dir>)."""
     args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
     return shlex.join(["python", Path(sys.argv[0]).name, *args, f"trainer.resume={run_dir}"])
+
+
+def resume_hint(run_dir: Path, once: str = "") -> str:
+    """Where a run stopped without a checkpoint of its step continues from (`once`: what must happen first)."""
+    last = CheckpointDir(run_dir / "checkpoints").step_files()
+    if not last:
+        return f"no checkpoint was written before it: {once}run the same command again."
+    then = f"{once[:1].upper()}{once[1:]}resume" if once else "Resume"
+    return f"the last checkpoint is {last[-1]}. {then} with:\n  {resume_command(run_dir)}"
 
 
 @contextlib.contextmanager
@@ -56,7 +66,7 @@ def stop_on_signals() -> Iterator[SimpleNamespace]:
                    "from is untouched. Run the same command again.")
         else:
             why = f"stopped at once by a second {name} at step {trainer.step}, without a checkpoint of it; " + \
-                trainer.resume_hint()
+                resume_hint(trainer.run_dir)
         raise Interrupted(why, signum)
 
     for s in signums:
