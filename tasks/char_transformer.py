@@ -72,7 +72,7 @@ class CharTransformer(Task):
         heads, width = task["n_head"], task["n_embd"]
         bad = isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads
         return super().check(task) + [f"task.n_embd={width}: must be a multiple of task.n_head={heads}"] * bool(bad) \
-            + text_path_problems(task["text_path"])
+            + text_path_problems(task.get("text_path"))
 
     def __init__(self, text_path: str, block_size: int = 64, batch_size: int = 12, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, bias: bool = True, dropout: float = 0.0,

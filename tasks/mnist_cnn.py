@@ -58,7 +58,7 @@ class MnistCNN(Task):
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
         return super().check(task) + val_size_problems(task["val_size"], 1, "the CNN evaluates on that split") + \
-            root_problems("task.data_root", task["data_root"])
+            root_problems("task.data_root", task.get("data_root"))
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, norm: NormFactory | None = None,

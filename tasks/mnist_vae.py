@@ -89,7 +89,7 @@ class MnistVAE(Task):
     @classmethod
     def check(cls, task: Mapping[str, Any]) -> list[str]:
         return super().check(task) + val_size_problems(task["val_size"], 0, "0: no validation split") + \
-            root_problems("task.data_root", task["data_root"])
+            root_problems("task.data_root", task.get("data_root"))
 
     def __init__(self, data_root: str, download: bool | str = "auto", batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, hidden: int = 400, latent: int = 20,
