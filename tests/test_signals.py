@@ -177,6 +177,21 @@ def ctrl_c_when(marker):
     return thread
 
 
+def test_ctrl_c_between_a_trials_claim_and_its_run_records_it_interrupted(tmp_path, monkeypatch):
+    """A Ctrl-C in the moment after a trial claimed its directory (a "running" line in the ledger) and before its run
+    took the signals over: the trial is recorded as interrupted, never left running."""
+    import experiments.sweep
+
+    def ctrl_c(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments.sweep, "_set_aside_previous_attempt", ctrl_c)
+    stopped = run_main(compare_args(tmp_path, 1))
+    assert stopped.code == 130 and "Traceback" not in stopped.err, stopped.err
+    entries = Ledger(tmp_path / "cmp" / "trials").entries()
+    assert [e["status"] for e in entries.values()] == ["interrupted"]
+
+
 @pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes start
 def test_ctrl_c_while_a_trial_is_in_its_final_phase_stops_compare_at_once(jobs, tmp_path):
     args = compare_args(tmp_path, jobs, signal_at(tmp_path, "wait_final"))

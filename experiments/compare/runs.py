@@ -264,12 +264,14 @@ class Runner:
         return [results[i] for i in range(len(trials))]
 
     def _launch(self, trials: list[Trial], todo: deque, results: dict[int, Result]) -> None:
-        total, done = len(todo), 0
+        total, done, inline = len(todo), 0, []
         try:
             while self.jobs == 1 and todo:  # one job: in this process, no worker to start
                 i = todo.popleft()
                 t, start = trials[i], time.perf_counter()
+                inline = [t]
                 ok = execute(t.cfg, t.overrides, t.run_dir, self.dir, self.threads)
+                inline = []
                 results[i] = r = read_result(t, self.ledger, self.metric, cached=False)
                 if not ok or r.status == "interrupted":
                     raise KeyboardInterrupt
@@ -298,10 +300,10 @@ class Runner:
                     self.ran += 1
                     self._report(r, done, total, seconds)
         except KeyboardInterrupt:
-            self._stop()
+            self._stop(trials, inline)
             raise Interrupted("interrupted") from None
         except WorkerDied:
-            self._stop()
+            self._stop(trials, inline)
             raise
 
     def _report(self, r: Result, done: int, total: int, seconds: float) -> None:
@@ -353,10 +355,12 @@ class Runner:
         return WorkerDied(f"trial {trial.run_dir} ({trial.option}, {trial.phase}, seed {trial.seed}): {error}; "
                           f"{where}. The comparison stopped.")
 
-    def _stop(self) -> None:
+    def _stop(self, trials: list[Trial], inline: list[Trial]) -> None:
         """One SIGINT to every busy worker: its run writes a checkpoint and is recorded as interrupted, or ends if it
-        had finished. Then every worker is told to exit and waited for."""
+        had finished. Then every worker is told to exit and waited for. A trial the signal caught before its run
+        took the signals over (it had claimed its directory: "running") is recorded as interrupted here."""
         busy = [w for w in self.workers if w.index is not None and w.process.is_alive()]
+        stopped = inline + [trials[w.index] for w in busy]  # `inline`: a trial this process ran itself
         for w in busy:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w.process.pid, signal.SIGINT)
@@ -375,6 +379,12 @@ class Runner:
                     conn.recv()
                 w.index = None
                 busy.remove(w)
+        entries = self.ledger.entries()
+        for t in stopped:
+            if entries.get(t.key, {}).get("status") == "running":
+                self.ledger.append({"key": t.key, "status": "interrupted", "overrides": t.overrides,
+                                    "run_dir": entries[t.key].get("run_dir"), "time_s": None,
+                                    "error": "stopped before its run began", "final": {}})
         self.close(timeout=30)
 
     def close(self, timeout: float = 30) -> None:
