@@ -39,7 +39,7 @@ from torch.optim.swa_utils import AveragedModel
 from core.config import parse_duration
 from core.rng import fork_rng
 from core.task import Task
-from optim.batchnorm import recompute_batchnorm
+from optim.batchnorm import batchnorm_layers, recompute_batchnorm
 
 BN = ("average", "recompute")  # BatchNorm statistics of the average: averaged like the weights, or recomputed
 EVAL = ("average", "both")  # what evaluations score: the average, or also the trained weights (as raw_<metric>)
@@ -53,6 +53,7 @@ class Run(Protocol):
     batches: Callable[[int], Iterable[Any]]  # this rank's micro-batches of a step
     autocast: contextlib.AbstractContextManager
     device: torch.device
+    dist: Any  # trainer/distributed.Dist: all_mean, enabled
 
 
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
@@ -105,19 +106,14 @@ class Average:
         if average is None:
             return False
         torch._foreach_copy_(self.tensors(run.model), average)
-        if self.recompute:
+        if self.recompute:  # each rank's shard of the same steps: their mean is the whole batch's
             with fork_rng(run.device), run.autocast:  # the training RNG does not move
                 recompute_batchnorm(run.model, (batch for s in range(self.bn_steps) for batch in run.batches(s)),
-                                    lambda batch: run.task.loss(run.model, batch))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for module in run.model.modules():  # BatchNorm statistics: the same on every rank
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                    for b in (module.running_mean, module.running_var):
-                        if self.recompute:  # each rank's shard of the same steps: their mean is the whole batch's
-                            dist.all_reduce(b)
-                            b /= dist.get_world_size()
-                        else:
-                            dist.broadcast(b, 0)
+                                    lambda batch: run.task.loss(run.model, batch), run.dist.all_mean)
+        elif run.dist.enabled:  # BatchNorm statistics: rank 0's on every rank
+            for module in batchnorm_layers(run.model):
+                for b in (module.running_mean, module.running_var):
+                    dist.broadcast(b, 0)
         return True
 
     @contextlib.contextmanager

@@ -135,8 +135,8 @@ def test_bad_settings_name_the_key(bad, key):
 class Run:
     """What Average.apply takes from the run (trainer/build.py's Parts)."""
 
-    def __init__(self, task, model, batches):
-        self.task, self.model, self.batches = task, model, batches
+    def __init__(self, task, model, batches, dist=None):
+        self.task, self.model, self.batches, self.dist = task, model, batches, dist or Dist()
         self.autocast, self.device = contextlib.nullcontext(), torch.device("cpu")
 
 
@@ -272,7 +272,8 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
                     model[2].weight.add_(t)  # the same update on every rank (DDP's averaged gradient)
                     model[0].running_mean.fill_(10.0 * rank + t)  # BatchNorm's statistics: each rank its shard's
                 ema.update(model, t)
-            ema.apply(Run(task, model, make_batches(task, sampler, Dist(rank, world), 1, 0, 100)))
+            ranks = Dist(rank, world)
+            ema.apply(Run(task, model, make_batches(task, sampler, ranks, 1, 0, 100), ranks))
             results[bn] = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save(results, f"{out}.{rank}")
     finally:
